@@ -1,0 +1,145 @@
+"""How docxy answers a client: registry JSON errors, and upstream responses relayed with
+their status, end-to-end headers, `Content-Length` and a streamed body.
+
+Every async answer goes through `answer_later`, which cancels the upstream work when the
+client goes away and never writes to a request that is gone.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
+from twisted.web.server import NOT_DONE_YET
+
+from docxy.challenge import rewrite_challenge
+from docxy.headers import relayed_response_headers
+from docxy.names import InvalidRequest
+from docxy.publicurl import Arrival, external_base
+from docxy.relay import request_gone, stream
+from docxy.upstream import UpstreamError
+
+log = Logger()
+
+API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+def error_body(code: str, message: str, detail: Any = None) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    return json.dumps({"errors": [error]}).encode()
+
+
+def json_error(request, status: int, code: str, message: str) -> bytes:
+    """Set up a registry-style JSON error answer and return its body."""
+    body = error_body(code, message)
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.setHeader(*API_VERSION)
+    request.docxy_status = code
+    return body
+
+
+def send_error(request, status: int, code: str, message: str) -> None:
+    if request_gone(request):
+        return
+    body = json_error(request, status, code, message)
+    request.write(body)
+    request.finish()
+
+
+def arrival(request) -> Arrival:
+    host = request.getHost()
+    return Arrival(
+        scheme="https" if request.isSecure() else "http",
+        local_host=getattr(host, "host", "127.0.0.1"),
+        local_port=getattr(host, "port", 0),
+        host_header=(request.getHeader(b"host") or b"").decode("latin-1") or None,
+    )
+
+
+def token_realm(request, public_url: str | None, names: tuple[str, ...]) -> str:
+    return external_base(public_url, names, arrival(request)) + "/auth/token"
+
+
+def relay(
+    request,
+    response: IResponse,
+    reactor,
+    idle_timeout: float,
+    realm: str | None,
+) -> None:
+    """Answer `request` with `response`: status, headers and the body, streamed.
+
+    `realm` is the token realm to put into a relayed challenge; None strips the challenge
+    (mirror mode: clients are never asked to authenticate).
+    """
+    if request_gone(request):
+        response.deliverBody(_Dropped())
+        return
+    request.setResponseCode(response.code, response.phrase)
+    for name, values in relayed_response_headers(response.headers):
+        if name == b"www-authenticate":
+            if realm is None:
+                continue
+            values = [
+                rewrite_challenge(v.decode("latin-1"), realm).encode("latin-1") for v in values
+            ]
+        request.responseHeaders.setRawHeaders(name, values)
+    length = body_length(response)
+    if length is not None and response.code not in (204, 304):
+        request.setHeader(b"content-length", b"%d" % length)
+    stream(request, response, reactor, idle_timeout)
+
+
+def body_length(response: IResponse) -> int | None:
+    """The upstream's Content-Length.  The HTTP client keeps it only as `length` for a body,
+    and only as a header for HEAD (where `length` is 0); a HEAD answer must carry it."""
+    header = response.headers.getRawHeaders(b"content-length", [None])[0]
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return response.length if isinstance(response.length, int) else None
+
+
+class _Dropped:
+    """Body protocol for a response nobody wants any more: close it at once."""
+
+    def makeConnection(self, transport) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+def answer_later(request, work: Callable[[], Awaitable[None]]) -> Any:
+    """Run `work` (which answers the request) and return NOT_DONE_YET.
+
+    Bad input and upstream failures become JSON errors; a client that disconnects cancels
+    the work, which closes any upstream connection it holds.
+    """
+    d = defer.ensureDeferred(work())
+
+    def failed(failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        if failure.check(InvalidRequest):
+            e = failure.value
+            send_error(request, e.status, e.code, e.message)
+        elif failure.check(UpstreamError):
+            e = failure.value
+            send_error(request, e.status, e.code, e.message)
+        else:
+            log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+            send_error(request, 500, "UNKNOWN", "internal error")
+
+    d.addErrback(failed)
+    request.notifyFinish().addErrback(lambda _: d.cancel())
+    return NOT_DONE_YET

@@ -1,0 +1,35 @@
+"""What every docxy resource shares: the collaborators it is built with, and the rule that
+HEAD is answered by its own method (twisted.web would otherwise run GET for a HEAD)."""
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+import attrs
+from twisted.web.resource import Resource
+
+from docxy.config import Config
+from docxy.proxy import RegistryProxy
+
+
+@attrs.frozen
+class Context:
+    """The collaborators a request needs: one per daemon, built by docxy.site."""
+
+    config: Config
+    proxy: RegistryProxy
+    reactor: object
+    server_names: tuple[str, ...]
+
+
+def query_pairs(request) -> list[tuple[str, str]]:
+    """The query string in its order, repeated keys kept (request.args loses the order)."""
+    _, _, query = request.uri.partition(b"?")
+    return parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+
+
+class LeafResource(Resource):
+    isLeaf = True
+
+    def __init__(self, context: Context) -> None:
+        super().__init__()
+        self.context = context

@@ -1,0 +1,41 @@
+"""`/v2/<name>/manifests|blobs|tags/<reference>`: checks the path against the registry
+grammar before anything goes upstream, then relays the upstream answer.  HEAD stays HEAD
+upstream (a HEAD costs no pull on Hub) and keeps the upstream Content-Length."""
+from __future__ import annotations
+
+from twisted.web.server import NOT_DONE_YET
+
+from docxy.answers import answer_later, relay, send_error, token_realm
+from docxy.names import InvalidRequest, parse_route
+from docxy.resources._base import LeafResource, query_pairs
+
+
+class RegistryResource(LeafResource):
+    def render_GET(self, request):
+        return self._answer(request)
+
+    def render_HEAD(self, request):
+        return self._answer(request)
+
+    def _answer(self, request):
+        ctx = self.context
+        try:
+            route = parse_route(request.path)
+        except InvalidRequest as e:
+            request.docxy_what = ("-", "")
+            send_error(request, e.status, e.code, e.message)
+            return NOT_DONE_YET  # the error is already written
+        request.docxy_what = (route.name, route.reference)
+
+        async def work() -> None:
+            response = await ctx.proxy.pull(
+                route, request.method, request.requestHeaders, query_pairs(request)
+            )
+            realm = (
+                None
+                if ctx.proxy.mirror_mode
+                else token_realm(request, ctx.config.public_url, ctx.server_names)
+            )
+            relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm)
+
+        return answer_later(request, work)

@@ -1,0 +1,301 @@
+"""`twistd docxy`: the command line, the environment, and the wiring of the service.
+
+This is the only module that reads options or environment variables.  It builds one
+immutable `Config` and hands it to everything else.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from urllib.parse import urlsplit
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from docxy.config import Config
+from docxy.proxy import RegistryProxy
+from docxy.resources._base import Context
+from docxy.site import DocxySite, api_resource, redirect_resource
+from docxy.tls import ServerTLS, TLSConfigError, upstream_trust
+from docxy.tokens import CredentialsError, UpstreamAuth, read_credentials
+from docxy.upstream import UpstreamClient
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:8080"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _env_list(value: str | None) -> list[str]:
+    return value.split() if value else []
+
+
+def _env_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise usage.UsageError(f"{name} must be one of 1/0, true/false, yes/no, on/off")
+
+
+def _check_url(option: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage.UsageError(f"{option} must be an http:// or https:// URL, not {value!r}")
+    if parts.query or parts.fragment:
+        raise usage.UsageError(f"{option} must not have a query or fragment: {value!r}")
+    return value.rstrip("/")
+
+
+def endpoint_port(description: str) -> int | None:
+    """The port of a strports description (`tcp:5443:interface=...`, `tcp:port=5443`,
+    `5443`), or None when it has none (unix:, systemd:)."""
+    parts = re.split(r"(?<!\\):", description)
+    if len(parts) == 1 and parts[0].isdigit():
+        return int(parts[0])
+    if parts[0] not in ("tcp", "tcp6", "ssl"):
+        return None
+    for part in parts[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port=") and part[5:].isdigit():
+            return int(part[5:])
+    return None
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = """docxy is a pull-through mirror for container registries.  Point Docker's
+registry-mirrors, containerd's hosts.toml or podman's registries.conf at it.
+
+Every option can also be given as an environment variable DOCXY_<OPTION> (upper case,
+dashes as underscores; repeatable options take a space-separated list).  CERT_PATH and
+KEY_PATH are read as in the original docxy.  The command line wins over the environment.
+
+With --tls, each --listen endpoint only redirects to HTTPS (and answers /health).
+Without --tls, --listen serves the API (for use behind nginx or a CDN).  With neither,
+docxy listens on tcp:8080."""
+
+    optFlags = [
+        ["mirror-mode", None, "Fetch upstream tokens as docxy itself (anonymously, or with "
+         "--upstream-credentials); clients are never challenged. [DOCXY_MIRROR_MODE]"],
+        ["library", None, "Add library/ to one-component names (default: on only for "
+         "Docker Hub). [DOCXY_LIBRARY=1]"],
+        ["no-library", None, "Never add library/ to names. [DOCXY_LIBRARY=0]"],
+    ]
+
+    optParameters = [
+        ["cert", None, None, "PEM certificate chain for --tls (leaf first; every certificate "
+         "is sent). [DOCXY_CERT, CERT_PATH]"],
+        ["key", None, None, "PEM private key (EC, RSA or PKCS#8, unencrypted). "
+         "[DOCXY_KEY, KEY_PATH]"],
+        ["public-url", None, None, "The URL clients use to reach docxy; token realms and "
+         "redirects are built from it. [DOCXY_PUBLIC_URL]"],
+        ["upstream", None, "https://registry-1.docker.io", "Base URL of the upstream "
+         "registry. [DOCXY_UPSTREAM]"],
+        ["upstream-ca", None, None, "Extra PEM CA certificate(s) to trust for upstream TLS, "
+         "in addition to the system's. [DOCXY_UPSTREAM_CA]"],
+        ["upstream-credentials", None, None, "File with username:password (or JSON) for the "
+         "upstream account used in --mirror-mode. [DOCXY_UPSTREAM_CREDENTIALS]"],
+        ["auth-realm", None, None, "Override the upstream token realm (default: learned from "
+         "the upstream's challenge). [DOCXY_AUTH_REALM]"],
+        ["auth-service", None, None, "Override the upstream token service name. "
+         "[DOCXY_AUTH_SERVICE]"],
+        ["connect-timeout", None, 10.0, "Seconds to connect to an upstream. "
+         "[DOCXY_CONNECT_TIMEOUT]", float],
+        ["header-timeout", None, 60.0, "Seconds to wait for an upstream's response headers. "
+         "[DOCXY_HEADER_TIMEOUT]", float],
+        ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before it is cut "
+         "(no limit on total time). [DOCXY_IDLE_TIMEOUT]", float],
+    ]
+
+    _ENV_SCALARS = {
+        "cert": ("DOCXY_CERT", "CERT_PATH"),
+        "key": ("DOCXY_KEY", "KEY_PATH"),
+        "public-url": ("DOCXY_PUBLIC_URL",),
+        "upstream": ("DOCXY_UPSTREAM",),
+        "upstream-ca": ("DOCXY_UPSTREAM_CA",),
+        "upstream-credentials": ("DOCXY_UPSTREAM_CREDENTIALS",),
+        "auth-realm": ("DOCXY_AUTH_REALM",),
+        "auth-service": ("DOCXY_AUTH_SERVICE",),
+        "connect-timeout": ("DOCXY_CONNECT_TIMEOUT",),
+        "header-timeout": ("DOCXY_HEADER_TIMEOUT",),
+        "idle-timeout": ("DOCXY_IDLE_TIMEOUT",),
+    }
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = dict(os.environ if environ is None else environ)
+        self["listen"] = []
+        self["tls"] = []
+        self["server-name"] = []
+        self._given: set[str] = set()
+
+    def opt_listen(self, description: str) -> None:
+        """Plain HTTP endpoint (strports description, repeatable), e.g.
+        tcp:5000:interface=127.0.0.1 [DOCXY_LISTEN]"""
+        self["listen"].append(description)
+
+    def opt_tls(self, description: str) -> None:
+        """HTTPS endpoint (a TCP-like strports description; docxy adds TLS; repeatable),
+        e.g. tcp:443 [DOCXY_TLS]"""
+        self["tls"].append(description)
+
+    def opt_server_name(self, name: str) -> None:
+        """A host name of this server (repeatable); a request's Host is trusted for token
+        realms only if it is one of these or of the certificate's. [DOCXY_SERVER_NAMES]"""
+        self["server-name"].append(name.lower())
+
+    def parseArgs(self, *args: str) -> None:
+        if args:
+            raise usage.UsageError(f"unexpected arguments: {' '.join(args)}")
+
+    def parseOptions(self, options=None) -> None:
+        # Remember what the command line set, so the environment fills in only the rest.
+        argv = list(sys.argv[1:] if options is None else options)
+        for arg in argv:
+            if arg.startswith("--"):
+                self._given.add(arg[2:].split("=", 1)[0])
+        super().parseOptions(options)
+
+    def postOptions(self) -> None:
+        env = self.environ
+        for option, names in self._ENV_SCALARS.items():
+            if option in self._given:
+                continue
+            for name in names:
+                if env.get(name):
+                    value = env[name]
+                    coerce = next(p for p in self.optParameters if p[0] == option)
+                    if len(coerce) > 4:
+                        try:
+                            value = coerce[4](value)
+                        except ValueError:
+                            raise usage.UsageError(f"{name} must be a number") from None
+                    self[option] = value
+                    break
+        for option, name in (("listen", "DOCXY_LISTEN"), ("tls", "DOCXY_TLS")):
+            if not self[option]:
+                self[option] = _env_list(env.get(name))
+        if not self["server-name"]:
+            self["server-name"] = [n.lower() for n in _env_list(env.get("DOCXY_SERVER_NAMES"))]
+        if "mirror-mode" not in self._given and env.get("DOCXY_MIRROR_MODE"):
+            self["mirror-mode"] = _env_bool("DOCXY_MIRROR_MODE", env["DOCXY_MIRROR_MODE"])
+        if self["library"] and self["no-library"]:
+            raise usage.UsageError("--library and --no-library contradict each other")
+        self.library: bool | None = None
+        if self["library"]:
+            self.library = True
+        elif self["no-library"]:
+            self.library = False
+        elif env.get("DOCXY_LIBRARY"):
+            self.library = _env_bool("DOCXY_LIBRARY", env["DOCXY_LIBRARY"])
+
+        if self["tls"] and not (self["cert"] and self["key"]):
+            raise usage.UsageError("--tls needs --cert and --key (or CERT_PATH and KEY_PATH)")
+        if not self["tls"] and not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        self["upstream"] = _check_url("--upstream", self["upstream"])
+        if self["public-url"]:
+            self["public-url"] = _check_url("--public-url", self["public-url"])
+        if self["auth-realm"]:
+            self["auth-realm"] = _check_url("--auth-realm", self["auth-realm"])
+        if self["upstream-credentials"] and not self["mirror-mode"]:
+            raise usage.UsageError("--upstream-credentials is used only with --mirror-mode")
+        for option in ("connect-timeout", "header-timeout", "idle-timeout"):
+            if not self[option] > 0:
+                raise usage.UsageError(f"--{option} must be a positive number of seconds")
+
+    def config(self) -> Config:
+        return Config(
+            listen=tuple(self["listen"]),
+            tls=tuple(self["tls"]),
+            cert_path=self["cert"] if self["tls"] else None,
+            key_path=self["key"] if self["tls"] else None,
+            public_url=self["public-url"],
+            server_names=tuple(self["server-name"]),
+            upstream=self["upstream"],
+            upstream_ca=self["upstream-ca"],
+            auth_realm=self["auth-realm"],
+            auth_service=self["auth-service"],
+            library=self.library,
+            mirror_mode=bool(self["mirror-mode"]),
+            upstream_credentials=self["upstream-credentials"],
+            connect_timeout=self["connect-timeout"],
+            header_timeout=self["header-timeout"],
+            idle_timeout=self["idle-timeout"],
+        )
+
+
+class _ClosePool(service.Service):
+    """Closes the upstream connection pool when the daemon stops."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self._client = client
+
+    def stopService(self):
+        super().stopService()
+        return self._client.close()
+
+
+def build_service(config: Config, reactor) -> service.MultiService:
+    """Everything the daemon runs, from one Config.  Raises TLSConfigError or
+    CredentialsError for files that cannot be used."""
+    server_tls = ServerTLS(config.cert_path, config.key_path) if config.tls else None
+    credentials = (
+        read_credentials(config.upstream_credentials) if config.upstream_credentials else None
+    )
+    names = tuple(dict.fromkeys(config.server_names + (server_tls.names() if server_tls else ())))
+    client = UpstreamClient(
+        reactor,
+        upstream_trust(config.upstream_ca),
+        connect_timeout=config.connect_timeout,
+        header_timeout=config.header_timeout,
+        max_redirects=config.max_redirects,
+        pool_size=config.pool_size,
+    )
+    auth = UpstreamAuth(config, client, reactor, credentials)
+    context = Context(
+        config=config,
+        proxy=RegistryProxy(config, client, auth),
+        reactor=reactor,
+        server_names=names,
+    )
+    top = service.MultiService()
+    api_site = DocxySite(api_resource(context), reactor)
+    for description in config.tls:
+        factory = TLSMemoryBIOFactory(server_tls.options, False, api_site)
+        strports.service(description, factory, reactor=reactor).setServiceParent(top)
+    if config.tls:
+        https_port = endpoint_port(config.tls[0]) or 443
+        plain_site = DocxySite(redirect_resource(config, names, https_port), reactor)
+    else:
+        plain_site = api_site
+    for description in config.listen:
+        strports.service(description, plain_site, reactor=reactor).setServiceParent(top)
+    _ClosePool(client).setServiceParent(top)
+    log.info(
+        "docxy: upstream {upstream}, listening on {listen} (plain) {tls} (TLS)",
+        upstream=config.upstream,
+        listen=" ".join(config.listen) or "-",
+        tls=" ".join(config.tls) or "-",
+    )
+    return top
+
+
+def makeService(options: Options, reactor=None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options.config()
+    try:
+        return build_service(config, reactor)
+    except (TLSConfigError, CredentialsError) as e:
+        raise SystemExit(f"docxy: {e}") from None
+

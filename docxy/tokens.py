@@ -1,0 +1,222 @@
+"""Upstream token auth: where the upstream's token service is, and (in mirror mode) the
+tokens docxy fetches for itself.
+
+The realm and service are learned from the upstream's own challenge (its `/v2/`, asked
+once, and every 401 relayed later), so any registry works without flags.  Mirror-mode
+tokens are cached per scope until they expire and shared by every client asking for that
+scope; concurrent misses make one token request.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from urllib.parse import urlencode
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from docxy.challenge import parse_challenge
+from docxy.config import HUB_REALM, HUB_SERVICE, Config
+from docxy.flight import SingleFlight
+from docxy.upstream import UpstreamClient, UpstreamError
+
+log = Logger()
+
+MAX_TOKEN_ANSWER = 1024 * 1024
+DEFAULT_EXPIRES = 60  # the token spec's default for a missing expires_in
+EXPIRY_MARGIN = 10
+
+
+class CredentialsError(Exception):
+    """An upstream credentials file that cannot be used; the message is shown as it is."""
+
+
+@attrs.frozen
+class AuthEndpoint:
+    realm: str
+    service: str
+
+
+def read_credentials(path: str) -> tuple[str, str]:
+    """Read `username:password` (one line) or JSON {"username": ..., "password": ...}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CredentialsError(f"cannot read upstream credentials file {path}: {e}") from None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+            user, password = data["username"], data["password"]
+        except (ValueError, KeyError, TypeError):
+            raise CredentialsError(
+                f"upstream credentials file {path}: JSON needs username and password"
+            ) from None
+    else:
+        user, sep, password = text.partition(":")
+        if not sep or "\n" in text:
+            raise CredentialsError(
+                f"upstream credentials file {path}: expected one line username:password"
+            )
+    if not user or not password:
+        raise CredentialsError(f"upstream credentials file {path}: empty username or password")
+    return str(user), str(password)
+
+
+def basic_authorization(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+def endpoint_from_challenge(header: bytes | str) -> AuthEndpoint | None:
+    text = header.decode("latin-1") if isinstance(header, bytes) else header
+    challenge = parse_challenge(text)
+    if challenge is None or challenge.scheme.lower() != "bearer":
+        return None
+    realm, service = challenge.get("realm"), challenge.get("service")
+    if not realm:
+        return None
+    return AuthEndpoint(realm=realm, service=service or "")
+
+
+def parse_token_answer(body: bytes) -> tuple[str, int] | None:
+    """The token and its lifetime in seconds from a token service's JSON answer."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    token = data.get("token") or data.get("access_token")
+    if not isinstance(token, str) or not token:
+        return None
+    expires = data.get("expires_in")
+    if not isinstance(expires, int) or expires <= 0:
+        expires = DEFAULT_EXPIRES
+    return token, expires
+
+
+class _Collect(Protocol):
+    """Collects a small body, cutting the connection past `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason) -> None:
+        if self._size > self._limit:
+            self.done.errback(UpstreamError(502, "UNKNOWN", "upstream answer too large"))
+        else:
+            self.done.callback(b"".join(self._chunks))
+
+
+def read_small_body(response, limit: int = MAX_TOKEN_ANSWER) -> defer.Deferred[bytes]:
+    collector = _Collect(limit)
+    response.deliverBody(collector)
+    return collector.done
+
+
+class UpstreamAuth:
+    def __init__(
+        self,
+        config: Config,
+        client: UpstreamClient,
+        reactor,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self._config = config
+        self._client = client
+        self._reactor = reactor
+        self._credentials = credentials
+        self._endpoint: AuthEndpoint | None = None
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._flights = SingleFlight()
+
+    # --- where the token service is -------------------------------------------------------
+    def learn(self, header: bytes) -> None:
+        """Remember the realm and service of a challenge the upstream sent."""
+        found = endpoint_from_challenge(header)
+        if found is not None:
+            self._endpoint = found
+
+    async def endpoint(self) -> AuthEndpoint | None:
+        """The upstream token service, or None when the upstream does not use tokens."""
+        config = self._config
+        if config.auth_realm and config.auth_service:
+            return AuthEndpoint(config.auth_realm, config.auth_service)
+        if self._endpoint is None:
+            try:
+                await self._flights.run("endpoint", self._discover)
+            except UpstreamError as e:
+                log.warn("cannot discover the upstream token service: {err}", err=e.message)
+        found = self._endpoint
+        if found is None:
+            if config.auth_realm:
+                return AuthEndpoint(config.auth_realm, config.auth_service or "")
+            return None
+        return AuthEndpoint(
+            config.auth_realm or found.realm, config.auth_service or found.service
+        )
+
+    async def _discover(self) -> None:
+        url = f"{self._config.upstream_base}/v2/"
+        response = await self._client.request(b"GET", url, Headers())
+        await read_small_body(response)
+        header = response.headers.getRawHeaders(b"www-authenticate", [None])[0]
+        if header is not None:
+            self.learn(header)
+        if self._endpoint is None and self._config.is_docker_hub:
+            self._endpoint = AuthEndpoint(HUB_REALM, HUB_SERVICE)
+
+    # --- mirror mode: docxy's own tokens --------------------------------------------------
+    def forget(self, scope: str) -> None:
+        self._tokens.pop(scope, None)
+
+    async def token(self, scope: str) -> str | None:
+        """A token for `scope` from cache or the token service; None if the upstream needs
+        no token."""
+        cached = self._tokens.get(scope)
+        if cached is not None and cached[1] > self._reactor.seconds():
+            return cached[0]
+        return await self._flights.run(("token", scope), lambda: self._fetch_token(scope))
+
+    async def _fetch_token(self, scope: str) -> str | None:
+        endpoint = await self.endpoint()
+        if endpoint is None:
+            return None
+        query = [("scope", scope)]
+        if endpoint.service:
+            query.insert(0, ("service", endpoint.service))
+        headers = Headers()
+        if self._credentials:
+            headers.setRawHeaders(b"authorization", [basic_authorization(*self._credentials)])
+            query.append(("account", self._credentials[0]))
+        separator = "&" if "?" in endpoint.realm else "?"
+        url = f"{endpoint.realm}{separator}{urlencode(query)}"
+        response = await self._client.request(b"GET", url, headers)
+        body = await read_small_body(response)
+        if response.code != 200:
+            log.warn(
+                "token service refused docxy's token request for {scope}: {status}",
+                scope=scope,
+                status=response.code,
+            )
+            raise UpstreamError(502, "UNAUTHORIZED", "the mirror could not get an upstream token")
+        parsed = parse_token_answer(body)
+        if parsed is None:
+            raise UpstreamError(502, "UNKNOWN", "the upstream token service answered nonsense")
+        token, expires = parsed
+        lifetime = max(expires - EXPIRY_MARGIN, 1)
+        self._tokens[scope] = (token, self._reactor.seconds() + lifetime)
+        return token

@@ -1,0 +1,140 @@
+"""The one HTTP client docxy uses to talk to registries, token services and CDNs.
+
+It owns the connection pool, upstream TLS trust, the connect and header timeouts, and
+redirect following (a blob GET on Hub answers 307 to a CDN): `Authorization` is dropped on
+every hop to another origin, and the redirect target is never shown to the client.
+Bodies are not read here: the caller streams them (see `docxy.relay`).
+"""
+from __future__ import annotations
+
+from io import BytesIO
+from urllib.parse import urljoin, urlsplit
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from docxy.headers import without_authorization
+
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_MAX_DISCARD = 64 * 1024
+
+log = Logger()
+
+
+class UpstreamError(Exception):
+    """The upstream could not be asked; `status` and `code` make the client's error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or ""), port
+
+
+class _Discard(Protocol):
+    """Reads and drops a small body (a redirect's) so its connection can be reused."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen = getattr(self, "seen", 0) + len(data)
+        if self.seen > _MAX_DISCARD:
+            self.transport.stopProducing()
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        reactor,
+        trust_root,
+        *,
+        connect_timeout: float,
+        header_timeout: float,
+        max_redirects: int,
+        pool_size: int,
+    ) -> None:
+        self._reactor = reactor
+        self._header_timeout = header_timeout
+        self._max_redirects = max_redirects
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = pool_size
+        self.pool.cachedConnectionTimeout = 90
+        self._agent = Agent(
+            reactor,
+            contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root),
+            connectTimeout=connect_timeout,
+            pool=self.pool,
+        )
+
+    async def request(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        body: bytes | None = None,
+        follow_redirects: bool = True,
+    ) -> IResponse:
+        """Send a request and answer with the final response (headers only; the body is
+        the caller's to read).  Raises UpstreamError when no response can be had."""
+        current = url
+        for _ in range(self._max_redirects + 1):
+            response = await self._once(method, current, headers, body)
+            location = response.headers.getRawHeaders(b"location", [None])[0]
+            if not follow_redirects or response.code not in REDIRECT_CODES or not location:
+                return response
+            response.deliverBody(_Discard())
+            target = urljoin(current, location.decode("latin-1"))
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise UpstreamError(502, "UNKNOWN", "upstream redirected to an unsupported URL")
+            if origin(target) != origin(current):
+                # Never hand the registry credential to a CDN (S3 even refuses it).
+                headers = without_authorization(headers)
+            if response.code == 303 and method not in (b"GET", b"HEAD"):
+                method, body = b"GET", None
+            current = target
+        raise UpstreamError(502, "UNKNOWN", "upstream redirected too many times")
+
+    async def _once(
+        self, method: bytes, url: str, headers: Headers, body: bytes | None
+    ) -> IResponse:
+        producer = FileBodyProducer(BytesIO(body)) if body is not None else None
+        try:
+            uri = url.encode("ascii")
+        except UnicodeEncodeError:
+            raise UpstreamError(502, "UNKNOWN", "upstream sent an invalid URL") from None
+        d = self._agent.request(method, uri, headers, producer)
+        d.addTimeout(self._header_timeout, self._reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise UpstreamError(504, "UNAVAILABLE", "upstream did not answer in time") from None
+        except error.TimeoutError:
+            raise UpstreamError(504, "UNAVAILABLE", "upstream connection timed out") from None
+        except (error.ConnectError, error.DNSLookupError) as e:
+            log.warn("upstream {host} unreachable: {err}", host=origin(url)[1], err=e)
+            raise UpstreamError(502, "UNAVAILABLE", "upstream unreachable") from None
+        except (ResponseFailed, RequestTransmissionFailed, RequestNotSent) as e:
+            reasons = "; ".join(str(r.value) for r in getattr(e, "reasons", []))
+            log.warn("upstream {host} failed: {err}", host=origin(url)[1], err=reasons)
+            raise UpstreamError(502, "UNAVAILABLE", "upstream connection failed") from None
+        except error.ConnectionLost:
+            raise UpstreamError(502, "UNAVAILABLE", "upstream connection lost") from None
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
