@@ -78,7 +78,7 @@ class ServerTLS:
     def __init__(self, cert_path: str, key_path: str) -> None:
         chain = load_certificates(cert_path)
         key = load_key(key_path)
-        if _public_bytes(key) != _public_bytes(chain[0]):
+        if _public_bytes(key.public_key()) != _public_bytes(chain[0].public_key()):
             raise TLSConfigError(
                 f"key file {key_path} does not match the first certificate in {cert_path}"
             )

@@ -1,0 +1,150 @@
+"""In-memory stand-ins for the upstream and for a client connection, so resources and the
+relay can be driven byte by byte with a Clock instead of the reactor."""
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+
+from docxy.config import Config
+from docxy.proxy import RegistryProxy
+from docxy.resources._base import Context
+from docxy.site import DocxySite, api_resource
+from docxy.tokens import UpstreamAuth
+
+
+class BodyTransport:
+    """The producer an upstream body's protocol sees; records what the relay asked."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class FakeResponse:
+    """An upstream response; with `auto` the whole body is delivered at once, otherwise the
+    test drives `protocol` by hand."""
+
+    phrase = b"OK"
+
+    def __init__(self, code=200, headers=None, body=b"", length=None, auto=True):
+        self.code = code
+        self.headers = Headers()
+        for k, v in (headers or {}).items():
+            self.headers.setRawHeaders(k, v if isinstance(v, list) else [v])
+        self.body = body
+        self.length = len(body) if length is None else length
+        self.auto = auto
+        self.protocol = None
+        self.transport = BodyTransport()
+
+    def deliverBody(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        if self.auto:
+            if self.body:
+                protocol.dataReceived(self.body)
+            protocol.connectionLost(Failure(ResponseDone()))
+
+    def cut(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("reset"))])))
+
+    def end(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+class FakeUpstream:
+    """Records every upstream request and answers with `responder(method, url, headers)`."""
+
+    def __init__(self, responder: Callable | None = None) -> None:
+        self.calls: list[tuple[bytes, str, Headers, bytes | None]] = []
+        self.responder = responder or (lambda m, u, h, b: FakeResponse(404))
+
+    async def request(self, method, url, headers, body=None, follow_redirects=True):
+        self.calls.append((method, url, headers, body))
+        answer = self.responder(method, url, headers, body)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def urls(self) -> list[str]:
+        return [u for _, u, _, _ in self.calls]
+
+
+def make_site(config: Config | None = None, upstream: FakeUpstream | None = None, names=()):
+    config = config or Config(upstream="https://registry.test", library=True)
+    upstream = upstream or FakeUpstream()
+    clock = Clock()
+    auth = UpstreamAuth(config, upstream, clock)
+    context = Context(
+        config=config, proxy=RegistryProxy(config, upstream, auth), reactor=clock, server_names=names
+    )
+    return DocxySite(api_resource(context), clock), upstream, clock
+
+
+class Exchange:
+    """One client connection to a site over a StringTransport."""
+
+    def __init__(self, site, secure=False, port=5000) -> None:
+        self.transport = StringTransport(
+            hostAddress=address.IPv4Address("TCP", "127.0.0.1", port),
+            peerAddress=address.IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        self.channel = site.buildProtocol(None)
+        if secure:
+            self.channel.isSecure = lambda: True
+        self.channel.makeConnection(self.transport)
+
+    @property
+    def http(self):
+        """The HTTPChannel itself (Site wraps it to negotiate HTTP/2)."""
+        return getattr(self.channel, "_channel", self.channel)
+
+    def send(self, method: str, path: str, headers: dict | list = (), body: bytes = b"") -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1:5000"]
+        items = headers.items() if isinstance(headers, dict) else headers
+        lines += [f"{k}: {v}" for k, v in items]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        self.channel.dataReceived(raw)
+
+    def response(self):
+        """(status, headers dict of lower-case name -> list, body) of what was written."""
+        data = self.transport.value()
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers: dict[bytes, list[bytes]] = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            headers.setdefault(k.strip().lower(), []).append(v.strip())
+        if headers.get(b"transfer-encoding") == [b"chunked"]:
+            body = _dechunk(body)
+        return status, headers, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return out

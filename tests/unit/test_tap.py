@@ -1,0 +1,205 @@
+"""The command line, the environment and the wiring of `twistd docxy`."""
+import pytest
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from docxy.site import DocxySite
+from docxy.tap import Options, endpoint_port, makeService
+from docxy.tokens import CredentialsError, read_credentials
+from harness.pki import CertificateAuthority
+
+
+def parse(argv, environ=None):
+    options = Options(environ=environ or {})
+    options.parseOptions(argv)
+    return options
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    root = CertificateAuthority.create_root(d)
+    inter = root.issue_intermediate()
+    return {
+        "ec": inter.issue_server("ec", ["mirror.example.com"], key_type="ec"),
+        "rsa": root.issue_server("rsa", ["mirror.example.com"], key_type="rsa"),
+        "dir": d,
+    }
+
+
+def test_defaults_listen_on_8080_and_hub():
+    """With neither --listen nor --tls docxy serves the API on tcp:8080 for Docker Hub."""
+    config = parse([]).config()
+    assert config.listen == ("tcp:8080",) and config.tls == ()
+    assert config.upstream == "https://registry-1.docker.io"
+    assert config.add_library is True
+
+
+def test_repeatable_listen_and_options():
+    config = parse(
+        [
+            "--listen", "tcp:5000:interface=127.0.0.1",
+            "--listen", "tcp:5001:interface=127.0.0.1",
+            "--upstream", "https://ghcr.io/",
+            "--public-url", "https://m.example.com/",
+            "--server-name", "M.example.com",
+            "--idle-timeout", "5",
+        ]
+    ).config()
+    assert config.listen == ("tcp:5000:interface=127.0.0.1", "tcp:5001:interface=127.0.0.1")
+    assert config.upstream == "https://ghcr.io" and config.add_library is False
+    assert config.public_url == "https://m.example.com"
+    assert config.server_names == ("m.example.com",)
+    assert config.idle_timeout == 5.0
+
+
+def test_environment_fills_in_and_command_line_wins(certs):
+    env = {
+        "DOCXY_LISTEN": "tcp:1 tcp:2",
+        "DOCXY_UPSTREAM": "https://env.example",
+        "CERT_PATH": str(certs["ec"].chain_path),
+        "KEY_PATH": str(certs["ec"].key_path),
+        "DOCXY_TLS": "tcp:3",
+        "DOCXY_MIRROR_MODE": "yes",
+        "DOCXY_LIBRARY": "1",
+        "DOCXY_HEADER_TIMEOUT": "7",
+    }
+    config = parse(["--upstream", "https://cli.example"], env).config()
+    assert config.listen == ("tcp:1", "tcp:2") and config.tls == ("tcp:3",)
+    assert config.upstream == "https://cli.example"
+    assert config.cert_path == str(certs["ec"].chain_path)
+    assert config.mirror_mode and config.library is True and config.header_timeout == 7.0
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--tls", "tcp:5443"], {}, "--tls needs --cert and --key"),
+        (["--upstream", "ftp://x"], {}, "--upstream must be an http"),
+        (["--public-url", "https://x/?a=b"], {}, "must not have a query"),
+        (["--idle-timeout", "0"], {}, "--idle-timeout must be a positive"),
+        (["--upstream-credentials", "/x"], {}, "only with --mirror-mode"),
+        (["--library", "--no-library"], {}, "contradict"),
+        ([], {"DOCXY_MIRROR_MODE": "maybe"}, "DOCXY_MIRROR_MODE must be"),
+        ([], {"DOCXY_IDLE_TIMEOUT": "soon"}, "DOCXY_IDLE_TIMEOUT must be a number"),
+        (["extra"], {}, "unexpected arguments"),
+    ],
+)
+def test_bad_options_are_usage_errors(argv, env, message):
+    """Bad options stop start-up with a message a person can act on."""
+    with pytest.raises(usage.UsageError, match=message.replace("?", r"\?")):
+        parse(argv, env)
+
+
+@pytest.mark.parametrize(
+    "description, port",
+    [("tcp:5443:interface=127.0.0.1", 5443), ("tcp:port=443", 443), ("8443", 8443),
+     ("systemd:domain=INET:index=0", None), ("unix:/run/docxy.sock", None)],
+)
+def test_endpoint_port(description, port):
+    assert endpoint_port(description) == port
+
+
+def _services(options):
+    return list(makeService(options, reactor=Clock()))
+
+
+def test_tls_wiring_sends_plain_listeners_to_https(certs):
+    """--tls endpoints serve the API under TLS; --listen endpoints only redirect."""
+    options = parse(
+        [
+            "--tls", "tcp:5443:interface=127.0.0.1",
+            "--listen", "tcp:5080:interface=127.0.0.1",
+            "--cert", str(certs["ec"].chain_path),
+            "--key", str(certs["ec"].key_path),
+        ]
+    )
+    services = _services(options)
+    tls, plain = services[0], services[1]
+    assert isinstance(tls.factory, TLSMemoryBIOFactory)
+    assert isinstance(tls.factory.wrappedFactory, DocxySite)
+    assert isinstance(plain.factory, DocxySite)
+    assert plain.factory is not tls.factory.wrappedFactory
+    assert "HTTPSRedirect" in repr(plain.factory.resource._fallback)
+
+
+def test_plain_wiring_serves_the_api():
+    services = _services(parse(["--listen", "tcp:5000:interface=127.0.0.1"]))
+    assert isinstance(services[0].factory, DocxySite)
+    assert services[0].factory.resource._v2 is not None
+
+
+@pytest.mark.parametrize("kind, key_attr", [("ec", "key_path"), ("rsa", "key_path"), ("ec", "pkcs8_key_path"), ("rsa", "pkcs8_key_path")])
+def test_every_key_form_loads(certs, kind, key_attr):
+    """EC (SEC1), RSA (PKCS#1) and PKCS#8 keys load with their certificate."""
+    server = certs[kind]
+    head = getattr(server, key_attr).read_bytes().splitlines()[0]
+    assert head in (b"-----BEGIN EC PRIVATE KEY-----", b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----")
+    options = parse(["--tls", "tcp:0", "--cert", str(server.chain_path), "--key", str(getattr(server, key_attr))])
+    assert _services(options)
+
+
+def test_whole_chain_is_offered(certs):
+    """Every certificate of a fullchain file is sent: the intermediate rides along."""
+    from docxy.tls import ServerTLS
+
+    server = ServerTLS(str(certs["ec"].chain_path), str(certs["ec"].key_path))
+    assert len(server.chain) == 2
+    assert len(server.options.extraCertChain) == 1
+    assert "mirror.example.com" in server.names() and "127.0.0.1" in server.names()
+
+
+def _start_error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        _services(parse(argv))
+    message = str(info.value.code)
+    assert message.startswith("docxy: ") and "\n" not in message
+    return message
+
+
+def test_missing_certificate_is_one_clear_line(certs, capsys):
+    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", "/nonexistent.pem", "--key", str(certs["ec"].key_path)])
+    assert "cannot read certificate file /nonexistent.pem" in message
+
+
+def test_mismatched_key_is_one_clear_line(certs, capsys):
+    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", str(certs["ec"].chain_path), "--key", str(certs["rsa"].key_path)])
+    assert "does not match" in message
+
+
+def test_encrypted_key_is_one_clear_line(certs, capsys, tmp_path):
+    key = serialization.load_pem_private_key(certs["ec"].key_path.read_bytes(), None)
+    encrypted = tmp_path / "enc.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"pw")))
+    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", str(certs["ec"].chain_path), "--key", str(encrypted)])
+    assert "encrypted" in message
+
+
+def test_garbage_certificate_is_one_clear_line(certs, capsys, tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", str(bad), "--key", str(certs["ec"].key_path)])
+    assert "holds no PEM certificate" in message
+
+
+def test_credentials_file_forms(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("bob:s3cret:with:colons\n")
+    assert read_credentials(str(plain)) == ("bob", "s3cret:with:colons")
+    js = tmp_path / "js"
+    js.write_text('{"username": "amy", "password": "pw"}')
+    assert read_credentials(str(js)) == ("amy", "pw")
+    bad = tmp_path / "bad"
+    bad.write_text("nocolon")
+    with pytest.raises(CredentialsError, match="username:password"):
+        read_credentials(str(bad))
+    with pytest.raises(CredentialsError, match="cannot read"):
+        read_credentials(str(tmp_path / "missing"))
+
+
+def test_unreadable_credentials_stop_startup(capsys, tmp_path):
+    message = _start_error(capsys, ["--mirror-mode", "--upstream-credentials", str(tmp_path / "none")])
+    assert "cannot read upstream credentials file" in message
