@@ -1,0 +1,104 @@
+"""Runs the installed docxy as an operator would: `twistd -n --pidfile= docxy ...` in a
+scratch directory (so the checkout is not on sys.path and the installed plugin is used)."""
+from __future__ import annotations
+
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from harness.procs import ManagedProcess, free_port, wait_for_port
+
+
+def twistd_path() -> str:
+    candidate = Path(sys.executable).parent / "twistd"
+    return str(candidate) if candidate.exists() else "twistd"
+
+
+class Docxy:
+    """One docxy daemon.  `port` serves plain HTTP; with `tls_port` it serves HTTPS there
+    (then `port` only redirects)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        args: Sequence[str] = (),
+        *,
+        tls: tuple[Path, Path] | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "docxy",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        argv = [twistd_path(), "-n", "--pidfile=", "docxy",
+                "--listen", f"tcp:{self.port}:interface=127.0.0.1"]
+        if tls:
+            argv += ["--tls", f"tcp:{self.tls_port}:interface=127.0.0.1",
+                     "--cert", str(tls[0]), "--key", str(tls[1])]
+        argv += list(args)
+        self.process = ManagedProcess(name, argv, self.workdir / f"{name}.log",
+                                      env=env, cwd=self.workdir)
+
+    @property
+    def url(self) -> str:
+        """The API URL (HTTPS when TLS is on)."""
+        if self.tls_port:
+            return f"https://127.0.0.1:{self.tls_port}"
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return self.url.split("://", 1)[1]
+
+    @property
+    def plain_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "Docxy":
+        self.process.start()
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout)
+            if self.tls_port:
+                wait_for_port("127.0.0.1", self.tls_port, timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{self.plain_url}/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.1)
+        except Exception:
+            self.process.stop()
+            raise RuntimeError(f"docxy did not start:\n{self.log()}") from None
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def log(self) -> str:
+        try:
+            return self.process.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def __enter__(self) -> "Docxy":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["Docxy", "twistd_path"]
