@@ -290,3 +290,12 @@ def test_health_and_unknown_paths():
     status, _, body = ex.response()
     assert status == 405 and errors_of(body) == ["UNSUPPORTED"]
     assert upstream.calls == []
+
+
+def test_blob_from_cdn_gets_its_digest_header():
+    """A blob answered by a CDN (no Docker-Content-Digest) carries its digest anyway."""
+    site, _, _ = make_site(upstream=FakeUpstream(lambda m, u, h, b: FakeResponse(200, {}, b"xyz")))
+    ex = Exchange(site)
+    ex.send("GET", f"/v2/x/blobs/{DIGEST}")
+    status, hdrs, body = ex.response()
+    assert status == 200 and hdrs[b"docker-content-digest"] == [DIGEST.encode()]
