@@ -1,0 +1,122 @@
+"""The "CDN": nginx serving the registry's storage directory over HTTPS on another host name.
+
+The registry's `redirect` middleware sends blob GET/HEAD to `<baseurl>/docker/registry/v2/
+blobs/sha256/<ab>/<hex>/data`; nginx serves that path from the storage root directory, with
+Range support, and logs each request as JSON including `auth=yes/no` (never the value).
+
+`restart(mode=...)` makes it misbehave: "ok", "slow" (rate-limited to `slow_rate`), "error"
+(503), "missing" (404), "corrupt" (same length, one byte flipped in every blob). A connection
+cut mid-body is `stop()` during a transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from .nginx import NginxProcess
+from .pki import ServerCert
+from .procs import free_port
+
+CdnMode = Literal["ok", "slow", "error", "missing", "corrupt"]
+
+
+class Cdn:
+    """nginx on https://<host>:<port>/ serving `storage_dir` (the registry rootdirectory)."""
+
+    def __init__(self, workdir: Path, storage_dir: Path, cert: ServerCert,
+                 host: str = "localhost", port: int = 0, interface: str = "127.0.0.1",
+                 mode: CdnMode = "ok", slow_rate: str = "1m") -> None:
+        self.workdir = Path(workdir)
+        self.storage_dir = Path(storage_dir)
+        self.cert = cert
+        self.host = host
+        self.interface = interface
+        self.port = port or free_port(interface)
+        self.mode: CdnMode = mode
+        self.slow_rate = slow_rate
+        self.nginx = NginxProcess("cdn-nginx", self.workdir, self.port, "", interface)
+
+    @property
+    def url(self) -> str:
+        """The base URL the registry redirects to (host name differs from the registry's)."""
+        return f"https://{self.host}:{self.port}"
+
+    def _location(self) -> str:
+        if self.mode == "ok":
+            return f"root {self.storage_dir};"
+        if self.mode == "slow":
+            return f"root {self.storage_dir}; limit_rate {self.slow_rate};"
+        if self.mode == "error":
+            return 'return 503 "cdn unavailable\\n";'
+        if self.mode == "missing":
+            return "return 404;"
+        if self.mode == "corrupt":
+            return f"root {self._corrupt_tree()};"
+        raise ValueError(f"unknown CDN mode {self.mode!r}")
+
+    def _corrupt_tree(self) -> Path:
+        """A copy of every blob with its middle byte flipped (same length, wrong digest)."""
+        root = self.workdir / "corrupt"
+        shutil.rmtree(root, ignore_errors=True)
+        blobs = self.storage_dir / "docker/registry/v2/blobs"
+        for data in blobs.rglob("data"):
+            target = root / data.relative_to(self.storage_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data, target)
+            size = target.stat().st_size
+            if size:
+                with open(target, "r+b") as f:
+                    f.seek(size // 2)
+                    b = f.read(1)
+                    f.seek(size // 2)
+                    f.write(bytes([b[0] ^ 0xFF]))
+        return root
+
+    def _http_body(self) -> str:
+        return f"""
+    server {{
+        listen {self.interface}:{self.port} ssl;
+        server_name {self.host};
+        ssl_certificate {self.cert.chain_path};
+        ssl_certificate_key {self.cert.key_path};
+        location = /health {{ return 200 "ok\\n"; }}
+        location /docker/ {{
+            {self._location()}
+        }}
+        location / {{ return 404; }}
+    }}
+"""
+
+    def start(self, timeout: float = 30.0) -> "Cdn":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.nginx.http_body = self._http_body()
+        self.nginx.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        self.nginx.stop()
+
+    def running(self) -> bool:
+        return self.nginx.running()
+
+    def restart(self, mode: CdnMode | None = None) -> "Cdn":
+        """Restart on the same port, optionally in another mode."""
+        self.stop()
+        if mode is not None:
+            self.mode = mode
+        return self.start()
+
+    def access_log_lines(self) -> list[str]:
+        return self.nginx.access_log_lines()
+
+    def access_log_entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.access_log_lines() if line.strip()]
+
+    def __enter__(self) -> "Cdn":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,100 @@
+"""The registry's public face: nginx terminating TLS in front of distribution, as Hub has.
+
+It proxies everything to the registry unchanged (streaming, no buffering, Location headers
+untouched), sends tag-list requests to `tagpager` because distribution 2.8 does not paginate
+them, adds Hub's `ratelimit-*` headers to manifest answers, and logs every request as JSON
+(with `auth=yes/no`, never the value) so tests can see what reached the upstream.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .nginx import NginxProcess
+from .pki import ServerCert
+from .procs import ManagedProcess, free_port, wait_for_port
+
+
+class RegistryFront:
+    """nginx (TLS on `port`) + the tag pager, in front of a plain-HTTP registry."""
+
+    def __init__(self, workdir: Path, backend_port: int, cert: ServerCert, port: int = 0,
+                 interface: str = "127.0.0.1") -> None:
+        self.workdir = Path(workdir)
+        self.backend_port = backend_port
+        self.cert = cert
+        self.interface = interface
+        self.port = port or free_port(interface)
+        self.pager_port = free_port(interface)
+        self.nginx = NginxProcess("front-nginx", self.workdir, self.port, self._http_body(),
+                                  interface)
+        tests_dir = str(Path(__file__).resolve().parent.parent)
+        self.pager = ManagedProcess(
+            "tagpager",
+            [sys.executable, "-m", "harness.tagpager", "--port", str(self.pager_port),
+             "--interface", interface, "--backend", f"http://{interface}:{backend_port}"],
+            self.workdir / "tagpager.log", env={"PYTHONPATH": tests_dir})
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.interface}:{self.port}"
+
+    def _http_body(self) -> str:
+        i = self.interface
+        return f"""
+    upstream harness_registry {{ server {i}:{self.backend_port}; keepalive 16; }}
+    upstream harness_tagpager {{ server {i}:{self.pager_port}; keepalive 4; }}
+    server {{
+        listen {i}:{self.port} ssl;
+        server_name _;
+        ssl_certificate {self.cert.chain_path};
+        ssl_certificate_key {self.cert.key_path};
+        client_max_body_size 0;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-Proto https;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_buffering off;
+        proxy_request_buffering off;
+        proxy_redirect off;
+        proxy_read_timeout 900s;
+        proxy_send_timeout 900s;
+        location ~ ^/v2/.+/tags/list$ {{
+            proxy_pass http://harness_tagpager;
+        }}
+        location ~ ^/v2/.+/manifests/ {{
+            add_header ratelimit-limit "100;w=21600" always;
+            add_header ratelimit-remaining "99;w=21600" always;
+            add_header docker-ratelimit-source "127.0.0.1" always;
+            proxy_pass http://harness_registry;
+        }}
+        location / {{
+            proxy_pass http://harness_registry;
+        }}
+    }}
+"""
+
+    def start(self, timeout: float = 30.0) -> "RegistryFront":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pager.start()
+        wait_for_port(self.interface, self.pager_port, timeout, self.pager)
+        self.nginx.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        self.nginx.stop()
+        self.pager.stop()
+
+    def running(self) -> bool:
+        return self.nginx.running()
+
+    def access_log_lines(self) -> list[str]:
+        return self.nginx.access_log_lines()
+
+    def __enter__(self) -> "RegistryFront":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
