@@ -33,3 +33,17 @@ class LeafResource(Resource):
     def __init__(self, context: Context) -> None:
         super().__init__()
         self.context = context
+
+
+class PullResource(LeafResource):
+    """A resource whose HEAD is answered by the same code as its GET: HEAD stays HEAD
+    upstream, so it never costs a download."""
+
+    def render_GET(self, request):
+        return self.answer(request)
+
+    def render_HEAD(self, request):
+        return self.answer(request)
+
+    def answer(self, request):
+        raise NotImplementedError

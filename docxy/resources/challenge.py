@@ -4,17 +4,11 @@ answers 200 without asking anyone."""
 from __future__ import annotations
 
 from docxy.answers import API_VERSION, answer_later, relay, token_realm
-from docxy.resources._base import LeafResource
+from docxy.resources._base import PullResource
 
 
-class ChallengeResource(LeafResource):
-    def render_GET(self, request):
-        return self._answer(request)
-
-    def render_HEAD(self, request):
-        return self._answer(request)
-
-    def _answer(self, request):
+class ChallengeResource(PullResource):
+    def answer(self, request):
         ctx = self.context
         request.docxy_what = ("/v2/", "")
         if ctx.proxy.mirror_mode:

@@ -7,17 +7,11 @@ from twisted.web.server import NOT_DONE_YET
 
 from docxy.answers import answer_later, relay, send_error, token_realm
 from docxy.names import InvalidRequest, parse_route
-from docxy.resources._base import LeafResource, query_pairs
+from docxy.resources._base import PullResource, query_pairs
 
 
-class RegistryResource(LeafResource):
-    def render_GET(self, request):
-        return self._answer(request)
-
-    def render_HEAD(self, request):
-        return self._answer(request)
-
-    def _answer(self, request):
+class RegistryResource(PullResource):
+    def answer(self, request):
         ctx = self.context
         try:
             route = parse_route(request.path)

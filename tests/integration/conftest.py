@@ -39,29 +39,27 @@ def _mirror_args(up: Upstream) -> list[str]:
     return ["--upstream", up.registry_url, "--upstream-ca", str(up.ca_path), "--library"]
 
 
+def _running(daemon: Docxy) -> Iterator[Docxy]:
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
 @pytest.fixture(scope="session")
 def docxy_tls(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docxy]:
     """docxy over TLS (a leaf from the upstream's intermediate CA, sent with its chain) in
     front of the test upstream, pass-through auth; its plain port only redirects."""
     workdir = tmp_path_factory.mktemp("docxy-tls")
     cert = upstream.intermediate_ca.issue_server("docxy", ["127.0.0.1", "localhost"])
-    daemon = Docxy(workdir, _mirror_args(upstream), tls=(cert.chain_path, cert.key_path))
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    yield from _running(Docxy(workdir, _mirror_args(upstream), tls=(cert.chain_path, cert.key_path)))
 
 
 @pytest.fixture(scope="session")
 def docxy_plain(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docxy]:
     """docxy over plain HTTP in front of the test upstream, pass-through auth."""
-    daemon = Docxy(tmp_path_factory.mktemp("docxy-plain"), _mirror_args(upstream))
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    yield from _running(Docxy(tmp_path_factory.mktemp("docxy-plain"), _mirror_args(upstream)))
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +70,5 @@ def docxy_mirror(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -
     credentials = workdir / "upstream-credentials"
     credentials.write_text(f"{user}:{password}\n")
     credentials.chmod(0o600)
-    daemon = Docxy(workdir, _mirror_args(upstream) + ["--mirror-mode", "--upstream-credentials", str(credentials)])
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    args = _mirror_args(upstream) + ["--mirror-mode", "--upstream-credentials", str(credentials)]
+    yield from _running(Docxy(workdir, args))
