@@ -28,15 +28,19 @@ class Docxy:
         tls: tuple[Path, Path] | None = None,
         env: dict[str, str] | None = None,
         name: str = "docxy",
+        tls_host: str = "127.0.0.1",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.tls_port = free_port() if tls else None
+        self.tls_host = tls_host
+        self.tls_port = free_port(tls_host) if tls else None
         argv = [twistd_path(), "-n", "--pidfile=", "docxy",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1"]
         if tls:
-            argv += ["--tls", f"tcp:{self.tls_port}:interface=127.0.0.1",
+            interface = tls_host.replace(":", "\\:")  # strports escapes colons
+            kind = "tcp6" if ":" in tls_host else "tcp"
+            argv += ["--tls", f"{kind}:{self.tls_port}:interface={interface}",
                      "--cert", str(tls[0]), "--key", str(tls[1])]
         argv += list(args)
         self.process = ManagedProcess(name, argv, self.workdir / f"{name}.log",
@@ -46,7 +50,8 @@ class Docxy:
     def url(self) -> str:
         """The API URL (HTTPS when TLS is on)."""
         if self.tls_port:
-            return f"https://127.0.0.1:{self.tls_port}"
+            host = f"[{self.tls_host}]" if ":" in self.tls_host else self.tls_host
+            return f"https://{host}:{self.tls_port}"
         return f"http://127.0.0.1:{self.port}"
 
     @property
@@ -62,7 +67,7 @@ class Docxy:
         try:
             wait_for_port("127.0.0.1", self.port, timeout)
             if self.tls_port:
-                wait_for_port("127.0.0.1", self.tls_port, timeout)
+                wait_for_port(self.tls_host, self.tls_port, timeout)
             deadline = time.monotonic() + timeout
             while True:
                 try:

@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is free on `host` right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -13,32 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from harness.clients import ClientError, CopyResult, Skopeo
 from harness.daemon import Docxy
 from harness.images import ALL_MANIFEST_TYPES, Image
 from harness.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
-SKOPEO_TIMEOUT = 300
-
-
-def skopeo(*args: str, timeout: float = SKOPEO_TIMEOUT) -> subprocess.CompletedProcess:
-    result = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"skopeo {' '.join(args)} failed:\n{result.stderr}")
-    return result
-
-
-def transport_args(docxy: Docxy, upstream: Upstream) -> list[str]:
-    if docxy.tls_port:
-        return ["--src-cert-dir", str(upstream.cert_dir)]
-    return ["--src-tls-verify=false"]
-
-
-def copy_through(docxy: Docxy, upstream: Upstream, ref: str, dest: Path, *extra: str) -> Path:
-    skopeo("copy", "--retry-times", "0", *transport_args(docxy, upstream), *extra,
-           f"docker://{docxy.host}/{ref}", f"dir:{dest}")
-    return dest
+def copy_through(docxy: Docxy, upstream: Upstream, ref: str, workdir: Path, *,
+                 all: bool = False, creds: tuple[str, str] | None = None) -> CopyResult:
+    """skopeo copy of `ref` through docxy into a dir: layout (the manifest bytes kept)."""
+    with Skopeo(workdir, ca_path=upstream.ca_path, tls_verify=bool(docxy.tls_port),
+                keep_data=True) as client:
+        return client.copy(f"{docxy.host}/{ref}", workdir / "out", all=all, creds=creds)
 
 
 def sha256_file(path: Path) -> str:
@@ -49,13 +36,13 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_copied(dest: Path, image: Image) -> None:
-    """The copied manifest is byte-for-byte the upstream's, and every blob matches its digest."""
-    assert sha256_file(dest / "manifest.json") == image.digest
-    for blob_file in dest.iterdir():
-        if blob_file.name in ("manifest.json", "version") or "." in blob_file.name:
-            continue
-        assert "sha256:" + blob_file.name == sha256_file(blob_file)
+def check_copied(copied: CopyResult, image: Image) -> None:
+    """The copied manifest is byte-for-byte the upstream's, and every blob (config and
+    layers) is there and matches its digest."""
+    assert copied.digest == image.digest
+    assert {b.digest for b in image.blobs} <= set(copied.blobs)
+    for digest in copied.blobs:
+        assert sha256_file(copied.blob_path(digest)) == digest
 
 
 def _name_through_mirror(image: Image) -> str:
@@ -73,23 +60,25 @@ def test_skopeo_copies_every_image_with_upstream_digests(role, mode, upstream, d
     gets the upstream's manifest digest and intact blobs."""
     docxy = docxy_tls if mode == "tls" else docxy_plain
     image = getattr(upstream.images, role)
-    extra = ["--all"] if image.manifest.is_index else []
-    dest = copy_through(docxy, upstream, _name_through_mirror(image), tmp_path / "out", *extra)
-    check_copied(dest, image)
+    copied = copy_through(docxy, upstream, _name_through_mirror(image), tmp_path,
+                          all=image.manifest.is_index)
+    check_copied(copied, image)
     if image.manifest.is_index:
+        assert set(copied.children) == {c.digest for c in image.manifest.children}
         for child in image.manifest.children:
-            assert sha256_file(dest / f"{child.digest.split(':')[1]}.manifest.json") == child.digest
+            child_file = copied.path / f"{child.digest.split(':')[1]}.manifest.json"
+            assert sha256_file(child_file) == child.digest
 
 
 def test_private_repo_needs_credentials_and_they_pass_through(upstream, docxy_tls, tmp_path):
     """Anonymous pulls of a private repository fail; with the user's credentials (sent by
     skopeo to docxy's token endpoint and passed on) they succeed with the right digest."""
     image = upstream.images.private
-    with pytest.raises(AssertionError):
+    with pytest.raises(ClientError):
         copy_through(docxy_tls, upstream, image.ref, tmp_path / "anon")
     user, password = upstream.user
-    dest = copy_through(docxy_tls, upstream, image.ref, tmp_path / "creds", "--src-creds", f"{user}:{password}")
-    check_copied(dest, image)
+    copied = copy_through(docxy_tls, upstream, image.ref, tmp_path / "creds", creds=(user, password))
+    check_copied(copied, image)
     entries = [e for e in upstream.token_log_entries() if e.get("sub") == user]
     assert entries, "the credentialed token request never reached the token service"
 
@@ -100,8 +89,7 @@ def test_mirror_mode_pulls_private_repo_without_client_credentials(upstream, doc
     ping = urllib.request.urlopen(f"{docxy_mirror.url}/v2/", timeout=30)
     assert ping.status == 200 and ping.headers.get("WWW-Authenticate") is None
     image = upstream.images.private
-    dest = copy_through(docxy_mirror, upstream, image.ref, tmp_path / "out")
-    check_copied(dest, image)
+    check_copied(copy_through(docxy_mirror, upstream, image.ref, tmp_path / "private"), image)
     alpine = copy_through(docxy_mirror, upstream, "alpine:latest", tmp_path / "alpine")
     check_copied(alpine, upstream.images.alpine)
 
@@ -181,14 +169,15 @@ def test_range_is_forwarded(upstream, docxy_plain):
     assert len(response.read()) == 100
 
 
-def test_tag_list_paginates_through_docxy(upstream, docxy_plain):
+def test_tag_list_paginates_through_docxy(upstream, docxy_plain, tmp_path):
     """The tag list keeps n/last and the Link header to the next page."""
     token = _token(docxy_plain, "repository:manytags:pull")
     response = _get(f"{docxy_plain.url}/v2/manytags/tags/list?n=50", {"Authorization": f"Bearer {token}"})
     assert response.status == 200
     assert len(json.loads(response.read())["tags"]) == 50
     assert 'rel="next"' in response.headers["Link"]
-    tags = skopeo("list-tags", "--tls-verify=false", f"docker://{docxy_plain.host}/manytags").stdout
+    with Skopeo(tmp_path, tls_verify=False) as client:
+        tags = client.skopeo("list-tags", "--tls-verify=false", f"docker://{docxy_plain.host}/manytags").stdout
     assert len(json.loads(tags)["Tags"]) == len(upstream.images.paginated.tags)
 
 

@@ -1,0 +1,401 @@
+"""Shared plumbing for the benchmarks in bench/ (not a benchmark itself).
+
+Everything runs on 127.0.0.1; every process is started here and stopped in a `finally`
+(ExitStack), also on Ctrl-C and SIGTERM. The processes themselves are run by the test
+harness in tests/harness (ManagedProcess: own session, SIGTERM then SIGKILL of the group).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+from urllib.parse import urlsplit
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+sys.path.insert(0, str(REPO_DIR / "tests"))
+
+from harness.daemon import Docxy  # noqa: E402
+from harness.nginx import NginxProcess  # noqa: E402
+from harness.procs import descendants_of, free_port  # noqa: E402
+from harness.registry import ProxySettings, Registry, RegistrySettings  # noqa: E402
+
+MB = 1_000_000  # all figures are in decimal megabytes (10^6 bytes)
+MiB = 1 << 20
+REPOSITORY = "bench/large"
+
+
+# --- signals, work directory ------------------------------------------------------------
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP behave like Ctrl-C: a KeyboardInterrupt, so every `finally` runs."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupt)
+    # Also when started with SIGINT ignored (a background job of a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def workdir(keep: bool, prefix: str):
+    """A scratch directory under $TMPDIR, removed afterwards unless `keep`."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"work directory kept: {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the blob -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlobFile:
+    path: Path
+    size: int
+    digest: str
+
+
+def make_random_blob(path: Path, size: int, chunk: int = 4 * MiB) -> BlobFile:
+    """Write `size` random bytes to `path`, hashing as we go (never all in memory)."""
+    h = hashlib.sha256()
+    left = size
+    with open(path, "wb") as f:
+        while left:
+            data = os.urandom(min(chunk, left))
+            h.update(data)
+            f.write(data)
+            left -= len(data)
+    return BlobFile(path, size, "sha256:" + h.hexdigest())
+
+
+def push_blob(registry_url: str, repository: str, blob: BlobFile, timeout: float = 600) -> None:
+    """Monolithic upload through the registry API: POST an upload session, then PUT the whole
+    file with `?digest=`, streamed from disk in 1 MiB blocks."""
+    u = urlsplit(registry_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout, blocksize=MiB)
+    try:
+        conn.request("POST", f"/v2/{repository}/blobs/uploads/", body=b"",
+                     headers={"Content-Length": "0"})
+        r = conn.getresponse()
+        r.read()
+        if r.status != 202:
+            raise RuntimeError(f"upload POST answered {r.status}")
+        location = r.getheader("Location")
+        lu = urlsplit(location)
+        path = lu.path + ("?" + lu.query if lu.query else "")
+        sep = "&" if "?" in path else "?"
+        with open(blob.path, "rb") as f:
+            conn.request("PUT", f"{path}{sep}digest={blob.digest}", body=f,
+                         headers={"Content-Length": str(blob.size),
+                                  "Content-Type": "application/octet-stream"})
+            r = conn.getresponse()
+            body = r.read()
+        if r.status != 201:
+            raise RuntimeError(f"upload PUT answered {r.status}: {body[:300]!r}")
+        conn.request("HEAD", f"/v2/{repository}/blobs/{blob.digest}")
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200 or int(r.getheader("Content-Length", "-1")) != blob.size:
+            raise RuntimeError(f"blob HEAD after push: {r.status} {r.getheaders()}")
+    finally:
+        conn.close()
+
+
+def blob_path(repository: str, digest: str) -> str:
+    return f"/v2/{repository}/blobs/{digest}"
+
+
+# --- the processes --------------------------------------------------------------------------
+
+def start_registry(stack: contextlib.ExitStack, work: Path, name: str,
+                   proxy_remote: str | None = None) -> Registry:
+    """A distribution registry on plain HTTP, no auth, no redirect; in proxy mode against
+    `proxy_remote` when given. Its storage is `work/<name>-storage` (a fresh one for a cold
+    proxy: the caller passes a new name)."""
+    settings = RegistrySettings(
+        storage_dir=work / f"{name}-storage",
+        log_level="warn",
+        proxy=ProxySettings(remoteurl=proxy_remote) if proxy_remote else None,
+    )
+    reg = Registry(settings, work, name=name)
+    stack.callback(reg.stop)
+    reg.start()
+    return reg
+
+
+def start_docxy(stack: contextlib.ExitStack, work: Path, upstream_url: str,
+                extra: Iterable[str] = ()) -> Docxy:
+    d = Docxy(work / "docxy", ["--upstream", upstream_url, "--no-library", *extra])
+    stack.callback(d.stop)
+    d.start()
+    return d
+
+
+NGINX_DEFAULTS_NOTE = (
+    "nginx 'proxy_pass' with nginx's defaults: proxy_buffering on, proxy_buffers 8 x 4k/8k "
+    "(one page), proxy_buffer_size one page, proxy_max_temp_file_size 1024m (a response "
+    "the client cannot take fast enough is spooled to a temp file), proxy_http_version 1.0"
+)
+
+
+def start_nginx(stack: contextlib.ExitStack, work: Path, upstream_port: int,
+                buffering: bool = True, name: str = "nginx") -> NginxProcess:
+    """nginx reverse proxy to the upstream registry. With `buffering` every proxy_* setting is
+    nginx's default; otherwise only `proxy_buffering off;` is added."""
+    port = free_port()
+    extra = "" if buffering else "proxy_buffering off;"
+    body = f"""
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream_port};
+            {extra}
+        }}
+    }}
+"""
+    n = NginxProcess(name, work / name, port, body)
+    stack.callback(n.stop)
+    n.start()
+    return n
+
+
+def nginx_worker_pids(n: NginxProcess) -> list[int]:
+    if n.process is None or n.process.pid is None:
+        return []
+    return descendants_of(n.process.pid)
+
+
+# --- /proc ------------------------------------------------------------------------------
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of `pid` in bytes (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` in seconds (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode("ascii", "replace").rsplit(")", 1)[-1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class RssSampler:
+    """Samples the summed VmRSS of the pids `pids()` returns every `interval` seconds in a
+    background thread; keeps the peak and the series."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]], interval: float = 0.2) -> None:
+        self._pids = pids
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    def sample(self) -> int:
+        value = sum(rss_bytes(p) for p in self._pids())
+        self.samples.append((time.monotonic() - self._t0, value))
+        return value
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.sample()
+
+    @property
+    def peak(self) -> int:
+        return max((v for _, v in self.samples), default=0)
+
+
+# --- reporting --------------------------------------------------------------------------
+
+def _cmd_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return text[0] if text else "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine_info() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    commit = _cmd_version(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "docxy",
+                            "twisted"], capture_output=True, text=True).stdout.strip()
+    try:
+        import twisted
+        twisted_version = twisted.__version__
+    except ImportError:  # pragma: no cover
+        twisted_version = "?"
+    try:
+        from importlib.metadata import version
+        docxy_version = version("docxy")
+    except Exception:  # pragma: no cover
+        docxy_version = "?"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_total_gb": round(mem / 1e9, 1),
+        "kernel": platform.release(),
+        "os": _os_release(),
+        "python": platform.python_version(),
+        "twisted": twisted_version,
+        "docxy": f"{docxy_version} (checkout {commit}{', docxy/ modified' if dirty else ''}; "
+                 f"installed copy {_installed_vs_checkout()})",
+        "nginx": _cmd_version(["nginx", "-v"]),
+        "docker_registry": _cmd_version(["docker-registry", "--version"]),
+        "curl": _cmd_version(["curl", "--version"]),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _installed_vs_checkout() -> str:
+    """Whether the docxy package that `twistd` will import equals the checkout's docxy/."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import docxy, os; print(os.path.dirname(docxy.__file__))"],
+        capture_output=True, text=True, cwd="/", timeout=30)
+    installed = Path(out.stdout.strip() or "/nonexistent")
+    checkout = REPO_DIR / "docxy"
+    if installed.resolve() == checkout.resolve():
+        return "is the checkout"
+    a = {p.relative_to(installed): p.read_bytes() for p in installed.rglob("*.py")}
+    b = {p.relative_to(checkout): p.read_bytes() for p in checkout.rglob("*.py")}
+    return "= working tree" if a == b else "differs from the working tree"
+
+
+def _os_release() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write_results(name: str, data: dict, markdown: str, results_dir: Path) -> tuple[Path, Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    jpath = results_dir / f"{name}.json"
+    mpath = results_dir / f"{name}.md"
+    jpath.write_text(json.dumps(data, indent=2) + "\n")
+    mpath.write_text(markdown)
+    return jpath, mpath
+
+
+def machine_markdown(info: dict) -> str:
+    return (f"- date: {info['date']}\n"
+            f"- machine: {info['host_cpu']}, {info['cpus']} CPUs, {info['mem_total_gb']} GB RAM, "
+            f"{info['os']}, kernel {info['kernel']} (load average at start "
+            f"{' '.join(info['loadavg_at_start'])})\n"
+            f"- software: Python {info['python']}, Twisted {info['twisted']}, docxy "
+            f"{info['docxy']}, {info['nginx']}, {info['docker_registry']}, "
+            f"{info['curl'].split(' (')[0]}\n")
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table (also readable as plain text)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *[line(r) for r in rows]]) + "\n"
+
+
+__all__ = [
+    "BENCH_DIR", "RESULTS_DIR", "MB", "MiB", "REPOSITORY", "BlobFile", "Docxy", "NginxProcess",
+    "NGINX_DEFAULTS_NOTE", "Registry", "RssSampler", "blob_path", "cpu_seconds",
+    "install_signal_handlers", "machine_info", "machine_markdown", "make_random_blob", "median",
+    "nginx_worker_pids", "push_blob", "rss_bytes", "start_docxy", "start_nginx",
+    "start_registry", "table", "workdir", "write_results",
+]
+
+
+def established_to(pid: int, remote_port: int) -> int:
+    """How many ESTABLISHED TCP connections process `pid` holds to 127.0.0.1:`remote_port`
+    (read from /proc: the process's socket inodes matched against /proc/net/tcp)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return 0
+    count = 0
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table_path).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[3] != "01":
+                continue
+            if int(f[2].rsplit(":", 1)[1], 16) == remote_port and f[9] in inodes:
+                count += 1
+    return count
