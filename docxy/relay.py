@@ -132,6 +132,11 @@ class BodyRelay(Protocol):
 
     def _client_gone(self, _failure: Failure) -> None:
         self.outcome = "client-gone"
+        log.info(
+            "client went away after {received} bytes of {expected}; upstream transfer stopped",
+            received=self.received,
+            expected=self._expected if self._expected is not None else "?",
+        )
         self._disarm()
         if self.transport is not None:
             self.transport.stopProducing()

@@ -90,8 +90,14 @@ def test_mirror_mode_pulls_private_repo_without_client_credentials(upstream, doc
     assert ping.status == 200 and ping.headers.get("WWW-Authenticate") is None
     image = upstream.images.private
     check_copied(copy_through(docxy_mirror, upstream, image.ref, tmp_path / "private"), image)
-    alpine = copy_through(docxy_mirror, upstream, "alpine:latest", tmp_path / "alpine")
-    check_copied(alpine, upstream.images.alpine)
+    before = len(upstream.token_log_entries())
+    for n in range(2):
+        alpine = copy_through(docxy_mirror, upstream, "alpine:latest", tmp_path / f"alpine{n}")
+        check_copied(alpine, upstream.images.alpine)
+    asked = [e for e in upstream.token_log_entries()[before:]
+             if "repository:library/alpine:pull" in e.get("scopes", [])]
+    assert len(asked) <= 1, "mirror mode did not reuse its cached token"
+    assert all(e.get("sub") == upstream.user[0] for e in asked)
 
 
 def _get(url: str, headers: dict | None = None, method: str = "GET", context=None):
@@ -138,6 +144,8 @@ def test_head_manifest_keeps_length_and_digest(upstream, docxy_plain):
     assert int(response.headers["Content-Length"]) == image.manifest.size
     assert response.headers["Docker-Content-Digest"] == image.digest
     assert response.headers["Content-Type"] == image.media_type
+    heads = [e for e in upstream.registry_log_entries() if f"/org/app/manifests/{image.tag}" in e["uri"]]
+    assert heads and heads[-1]["method"] == "HEAD", "HEAD became a GET upstream"
 
 
 def test_blob_redirect_is_followed_without_authorization(upstream, docxy_plain):
@@ -235,3 +243,18 @@ def test_plugin_is_found_after_a_non_editable_install(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     ).stdout.split()
     assert all("site-packages" in w for w in where), where
+
+
+def test_logs_hold_no_secrets(upstream, docxy_tls, docxy_mirror, tmp_path):
+    """After credentialed pulls, docxy's logs contain no password, no token and no
+    Authorization value."""
+    user, password = upstream.user
+    copy_through(docxy_tls, upstream, upstream.images.private.ref, tmp_path / "p", creds=(user, password))
+    copy_through(docxy_mirror, upstream, upstream.images.private.ref, tmp_path / "m")
+    token = upstream.fetch_token(["repository:private/secret:pull"], credentials=(user, password))
+    for daemon in (docxy_tls, docxy_mirror):
+        log = daemon.log()
+        assert "private/secret" in log, "the pulls were not logged at all"
+        assert password not in log
+        assert "Bearer " not in log and "Basic " not in log
+        assert token.split(".")[0] not in log  # every JWT of this issuer starts alike

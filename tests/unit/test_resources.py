@@ -2,7 +2,6 @@
 import json
 
 import pytest
-from twisted.web.http_headers import Headers
 
 from docxy.config import Config
 from docxy.upstream import UpstreamError
