@@ -80,7 +80,7 @@ def relay(
     (mirror mode: clients are never asked to authenticate).
     """
     if request_gone(request):
-        response.deliverBody(_Dropped())
+        discard_body(response)
         return
     request.setResponseCode(response.code, response.phrase)
     for name, values in relayed_response_headers(response.headers):
@@ -106,8 +106,13 @@ def body_length(response: IResponse) -> int | None:
     return response.length if isinstance(response.length, int) else None
 
 
+def discard_body(response: IResponse) -> None:
+    """Close the body of a response nobody wants any more."""
+    response.deliverBody(_Dropped())
+
+
 class _Dropped:
-    """Body protocol for a response nobody wants any more: close it at once."""
+    """Body protocol that closes the connection at once."""
 
     def makeConnection(self, transport) -> None:
         transport.stopProducing()

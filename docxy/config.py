@@ -36,6 +36,8 @@ class Config:
     max_token_body: int = 64 * 1024
     max_redirects: int = 5
     pool_size: int = 32
+    cache_dir: str | None = None
+    cache_max_size: int | None = None
 
     @property
     def upstream_host(self) -> str:

@@ -13,7 +13,8 @@ from twisted.web.iweb import IResponse
 from docxy.config import Config
 from docxy.headers import upstream_request_headers
 from docxy.names import Route, rewrite_scope, upstream_name, upstream_path
-from docxy.tokens import AuthEndpoint, UpstreamAuth, read_small_body
+from docxy.answers import discard_body
+from docxy.tokens import AuthEndpoint, UpstreamAuth, bearer_expiry, read_small_body
 from docxy.upstream import UpstreamClient, UpstreamError
 
 # Query parameters a pull request may carry upstream (pagination of tag lists); `ns` and
@@ -21,6 +22,9 @@ from docxy.upstream import UpstreamClient, UpstreamError
 _TAGS_QUERY = ("n", "last")
 # Parameters of a token request other than service and scope, passed on as they came.
 _TOKEN_PARAMS = ("account", "client_id", "offline_token")
+DEFAULT_ACCESS_TTL = 60.0  # a credential without a readable expiry
+MAX_ACCESS_TTL = 3600.0
+_MAX_ACCESS_ENTRIES = 10000
 _TOKEN_FORM = ("grant_type", "client_id", "access_type", "username", "password", "refresh_token")
 
 
@@ -46,14 +50,45 @@ def token_params(
 
 
 class RegistryProxy:
-    def __init__(self, config: Config, client: UpstreamClient, auth: UpstreamAuth) -> None:
+    def __init__(self, config: Config, client: UpstreamClient, auth: UpstreamAuth, reactor) -> None:
         self._config = config
         self._client = client
         self.auth = auth
+        self._reactor = reactor
+        # (credential, repository) -> until when the upstream's yes is remembered
+        self._access: dict[tuple[bytes, str], float] = {}
 
     @property
     def mirror_mode(self) -> bool:
         return self._config.mirror_mode
+
+    async def check_access(self, route: Route, client_headers: Headers) -> IResponse | None:
+        """None if the upstream would serve this repository to this client (asked once per
+        credential and repository with a HEAD, remembered until the token expires);
+        otherwise the upstream's refusal, to be relayed."""
+        name = upstream_name(route.name, self._config.add_library)
+        credential = (
+            b"mirror"
+            if self._config.mirror_mode
+            else client_headers.getRawHeaders(b"authorization", [b""])[0]
+        )
+        key = (credential, name)
+        now = self._reactor.seconds()
+        until = self._access.get(key)
+        if until is not None and until > now:
+            return None
+        headers = Headers()
+        if credential and not self._config.mirror_mode:
+            headers.setRawHeaders(b"authorization", [credential])
+        response = await self.pull(route, b"HEAD", headers, [], follow_redirects=False)
+        if response.code not in (200, 301, 302, 303, 307, 308):
+            return response
+        discard_body(response)
+        expiry = bearer_expiry(credential) if not self._config.mirror_mode else None
+        if len(self._access) >= _MAX_ACCESS_ENTRIES:
+            self._access.pop(next(iter(self._access)))
+        self._access[key] = min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL)
+        return None
 
     async def pull(
         self,
@@ -61,6 +96,7 @@ class RegistryProxy:
         method: bytes,
         client_headers: Headers,
         query: list[tuple[str, str]],
+        follow_redirects: bool = True,
     ) -> IResponse:
         config = self._config
         url = config.upstream_base + upstream_path(route, config.add_library)
@@ -69,7 +105,7 @@ class RegistryProxy:
         if not config.mirror_mode:
             authorization = client_headers.getRawHeaders(b"authorization", [None])[0]
             headers = upstream_request_headers(client_headers, authorization)
-            response = await self._client.request(method, url, headers)
+            response = await self._client.request(method, url, headers, None, follow_redirects)
             if response.code == 401:
                 for challenge in response.headers.getRawHeaders(b"www-authenticate", []):
                     self.auth.learn(challenge)
@@ -79,7 +115,7 @@ class RegistryProxy:
             token = await self.auth.token(scope)
             authorization = f"Bearer {token}".encode() if token else None
             headers = upstream_request_headers(client_headers, authorization)
-            response = await self._client.request(method, url, headers)
+            response = await self._client.request(method, url, headers, None, follow_redirects)
             if response.code != 401 or token is None or attempt == 2:
                 return response
             # The token was refused (revoked or expired early): get a new one, once.

@@ -15,6 +15,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from docxy.cache.blobs import BlobCache
+from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
@@ -24,6 +26,10 @@ from docxy.tokens import CredentialsError, UpstreamAuth, read_credentials
 from docxy.upstream import UpstreamClient
 
 log = Logger()
+
+
+class CacheConfigError(Exception):
+    """A cache directory that cannot be used; the message is shown as it is."""
 
 DEFAULT_LISTEN = "tcp:8080"
 _TRUE = {"1", "true", "yes", "on"}
@@ -50,6 +56,20 @@ def _check_url(option: str, value: str) -> str:
     if parts.query or parts.fragment:
         raise usage.UsageError(f"{option} must not have a query or fragment: {value!r}")
     return value.rstrip("/")
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """`123`, `500M`, `20G`, `1.5T` (powers of 1024; a trailing B or iB is allowed)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise usage.UsageError(f"--cache-max-size: cannot read a size from {text!r}")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if value < 1:
+        raise usage.UsageError("--cache-max-size must be positive")
+    return int(value)
 
 
 def endpoint_port(description: str) -> int | None:
@@ -110,6 +130,10 @@ docxy listens on tcp:8080."""
          "[DOCXY_CONNECT_TIMEOUT]", float],
         ["header-timeout", None, 60.0, "Seconds to wait for an upstream's response headers. "
          "[DOCXY_HEADER_TIMEOUT]", float],
+        ["cache-dir", None, None, "Cache blobs (verified by digest) in this directory. "
+         "[DOCXY_CACHE_DIR]"],
+        ["cache-max-size", None, None, "Bound the cache: bytes, or with a K/M/G/T suffix "
+         "(powers of 1024); least recently used blobs go first. [DOCXY_CACHE_MAX_SIZE]"],
         ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before it is cut "
          "(no limit on total time). [DOCXY_IDLE_TIMEOUT]", float],
     ]
@@ -126,6 +150,8 @@ docxy listens on tcp:8080."""
         "connect-timeout": ("DOCXY_CONNECT_TIMEOUT",),
         "header-timeout": ("DOCXY_HEADER_TIMEOUT",),
         "idle-timeout": ("DOCXY_IDLE_TIMEOUT",),
+        "cache-dir": ("DOCXY_CACHE_DIR",),
+        "cache-max-size": ("DOCXY_CACHE_MAX_SIZE",),
     }
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -207,6 +233,11 @@ docxy listens on tcp:8080."""
             self["auth-realm"] = _check_url("--auth-realm", self["auth-realm"])
         if self["upstream-credentials"] and not self["mirror-mode"]:
             raise usage.UsageError("--upstream-credentials is used only with --mirror-mode")
+        self.cache_max_size = (
+            parse_size(self["cache-max-size"]) if self["cache-max-size"] else None
+        )
+        if self.cache_max_size is not None and not self["cache-dir"]:
+            raise usage.UsageError("--cache-max-size needs --cache-dir")
         for option in ("connect-timeout", "header-timeout", "idle-timeout"):
             if not self[option] > 0:
                 raise usage.UsageError(f"--{option} must be a positive number of seconds")
@@ -229,6 +260,8 @@ docxy listens on tcp:8080."""
             connect_timeout=self["connect-timeout"],
             header_timeout=self["header-timeout"],
             idle_timeout=self["idle-timeout"],
+            cache_dir=self["cache-dir"],
+            cache_max_size=self.cache_max_size,
         )
 
 
@@ -260,11 +293,16 @@ def build_service(config: Config, reactor) -> service.MultiService:
         pool_size=config.pool_size,
     )
     auth = UpstreamAuth(config, client, reactor, credentials)
+    proxy = RegistryProxy(config, client, auth, reactor)
+    blobs = None
+    if config.cache_dir:
+        try:
+            store = BlobStore(config.cache_dir, config.cache_max_size)
+        except OSError as e:
+            raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
+        blobs = BlobCache(store, proxy, reactor, config.idle_timeout)
     context = Context(
-        config=config,
-        proxy=RegistryProxy(config, client, auth),
-        reactor=reactor,
-        server_names=names,
+        config=config, proxy=proxy, reactor=reactor, server_names=names, blobs=blobs
     )
     top = service.MultiService()
     api_site = DocxySite(api_resource(context), reactor)
@@ -296,6 +334,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     config = options.config()
     try:
         return build_service(config, reactor)
-    except (TLSConfigError, CredentialsError) as e:
+    except (TLSConfigError, CredentialsError, CacheConfigError) as e:
         raise SystemExit(f"docxy: {e}") from None
 

@@ -81,6 +81,23 @@ def endpoint_from_challenge(header: bytes | str) -> AuthEndpoint | None:
     return AuthEndpoint(realm=realm, service=service or "")
 
 
+def bearer_expiry(authorization: bytes | None) -> float | None:
+    """The `exp` claim of a Bearer JWT, read without verifying it (the upstream verifies;
+    this only says how long the upstream's yes may be remembered); None if there is none."""
+    if not authorization or not authorization.lower().startswith(b"bearer "):
+        return None
+    parts = authorization[7:].strip().split(b".")
+    if len(parts) != 3:
+        return None
+    try:
+        padded = parts[1] + b"=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(padded))
+        exp = claims.get("exp") if isinstance(claims, dict) else None
+    except (ValueError, TypeError):
+        return None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
 def parse_token_answer(body: bytes) -> tuple[str, int] | None:
     """The token and its lifetime in seconds from a token service's JSON answer."""
     try:

@@ -19,6 +19,7 @@ class Context:
     proxy: RegistryProxy
     reactor: object
     server_names: tuple[str, ...]
+    blobs: object | None = None  # docxy.cache.blobs.BlobCache when the cache is on
 
 
 def query_pairs(request) -> list[tuple[str, str]]:

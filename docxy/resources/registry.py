@@ -21,14 +21,23 @@ class RegistryResource(PullResource):
             return NOT_DONE_YET  # the error is already written
         request.docxy_what = (route.name, route.reference)
 
+        realm = (
+            None
+            if ctx.proxy.mirror_mode
+            else token_realm(request, ctx.config.public_url, ctx.server_names)
+        )
+        blobs = ctx.blobs
+        if (
+            blobs is not None
+            and route.kind == "blobs"
+            and (request.method == b"GET" or blobs.holds(route.reference))
+        ):
+            # GETs go through the cache; a HEAD of a blob not held stays a HEAD upstream.
+            return answer_later(request, lambda: blobs.answer(request, route, realm))
+
         async def work() -> None:
             response = await ctx.proxy.pull(
                 route, request.method, request.requestHeaders, query_pairs(request)
-            )
-            realm = (
-                None
-                if ctx.proxy.mirror_mode
-                else token_realm(request, ctx.config.public_url, ctx.server_names)
             )
             if route.kind == "blobs" and response.code in (200, 206):
                 # A CDN at the end of a redirect does not say which blob it served; the

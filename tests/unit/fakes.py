@@ -11,6 +11,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
+from docxy.cache.blobs import BlobCache
+from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
@@ -85,13 +87,18 @@ class FakeUpstream:
         return [u for _, u, _, _ in self.calls]
 
 
-def make_site(config: Config | None = None, upstream: FakeUpstream | None = None, names=()):
+def make_site(config: Config | None = None, upstream: FakeUpstream | None = None, names=(),
+              with_cache: bool = False):
     config = config or Config(upstream="https://registry.test", library=True)
     upstream = upstream or FakeUpstream()
     clock = Clock()
     auth = UpstreamAuth(config, upstream, clock)
+    proxy = RegistryProxy(config, upstream, auth, clock)
+    blobs = None
+    if with_cache:
+        blobs = BlobCache(BlobStore(config.cache_dir, config.cache_max_size), proxy, clock, config.idle_timeout)
     context = Context(
-        config=config, proxy=RegistryProxy(config, upstream, auth), reactor=clock, server_names=names
+        config=config, proxy=proxy, reactor=clock, server_names=names, blobs=blobs
     )
     return DocxySite(api_resource(context), clock), upstream, clock
 

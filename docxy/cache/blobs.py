@@ -1,0 +1,169 @@
+"""Blob answers through the cache: a hit is served from disk, a blob already downloading
+is followed as its bytes arrive, and a miss starts the one upstream download that every
+later client follows.
+
+Cached content of a repository is served only to a client the upstream would serve it to:
+`RegistryProxy.check_access` asks the upstream once per (credential, repository).
+"""
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from docxy.answers import discard_body, relay
+from docxy.cache.fill import Fill
+from docxy.cache.follow import FileFollower
+from docxy.cache.store import BlobStore
+from docxy.names import Route
+from docxy.proxy import RegistryProxy
+from docxy.ranges import UNSATISFIABLE, parse_range
+from docxy.relay import request_gone
+
+log = Logger()
+
+
+@attrs.define
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    joined: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_upstream: int = 0
+    digest_mismatches: int = 0
+    failed_fills: int = 0
+
+
+class BlobCache:
+    def __init__(self, store: BlobStore, proxy: RegistryProxy, reactor, idle_timeout: float):
+        self.store = store
+        self.stats = CacheStats()
+        self._proxy = proxy
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._fills: dict[str, Fill] = {}
+        # digest -> clients waiting while one of them asks the upstream for it
+        self._starting: dict[str, list[defer.Deferred]] = {}
+
+    def filling(self) -> int:
+        return len(self._fills)
+
+    def holds(self, digest: str) -> bool:
+        """Stored, or being downloaded right now."""
+        return self.store.has(digest) or digest in self._fills
+
+    async def answer(self, request, route: Route, realm: str | None) -> None:
+        digest = route.reference
+        if not self.holds(digest):
+            await self._miss(request, route, realm)
+            return
+        denied = await self._proxy.check_access(route, request.requestHeaders)
+        if denied is not None:
+            relay(request, denied, self._reactor, self._idle_timeout, realm)
+            return
+        fill = self._fills.get(digest)
+        if fill is not None:
+            self.stats.joined += 1
+            self._serve(request, digest, fill)
+        elif self.store.has(digest):
+            self.stats.hits += 1
+            self._serve(request, digest, None)
+        else:  # evicted while we asked the upstream: fetch it again
+            await self._miss(request, route, realm)
+
+    async def _miss(self, request, route: Route, realm: str | None) -> None:
+        digest = route.reference
+        waiting = self._starting.get(digest)
+        if waiting is not None:
+            # Another client is asking the upstream for this blob right now: wait for its
+            # answer, then join its download (or try ourselves if it got none).
+            ready: defer.Deferred = defer.Deferred()
+            waiting.append(ready)
+            await ready
+            await self.answer(request, route, realm)
+            return
+        self._starting[digest] = []
+        try:
+            await self._start_fill(request, route, realm)
+        finally:
+            for ready in self._starting.pop(digest, []):
+                if not ready.called:
+                    ready.callback(None)
+
+    async def _start_fill(self, request, route: Route, realm: str | None) -> None:
+        digest = route.reference
+        headers = request.requestHeaders.copy()
+        # The cache needs the whole blob; a client's range is served from the file.
+        for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
+            headers.removeHeader(name)
+        response = await self._proxy.pull(route, b"GET", headers, [])
+        if response.code != 200 or not isinstance(response.length, int):
+            relay(request, response, self._reactor, self._idle_timeout, realm)
+            return
+        if self.holds(digest):
+            # Someone else started (or finished) the download while we waited.
+            discard_body(response)
+            await self.answer(request, route, realm)
+            return
+        self.stats.misses += 1
+        fill = Fill(self.store, digest, response.length, self._reactor, self._idle_timeout,
+                    on_end=self._fill_ended)
+        self._fills[digest] = fill
+        response.deliverBody(fill)
+        if not request_gone(request):
+            self._serve(request, digest, fill)
+
+    def _fill_ended(self, fill: Fill) -> None:
+        self._fills.pop(fill.digest, None)
+        self.stats.bytes_from_upstream += fill.written
+        if fill.state != "complete":
+            self.stats.failed_fills += 1
+            if fill.reason.startswith("digest mismatch"):
+                self.stats.digest_mismatches += 1
+
+    def _serve(self, request, digest: str, fill: Fill | None) -> None:
+        if request_gone(request):
+            return
+        if fill is None:
+            size = self.store.size_of(digest)
+            handle = self.store.acquire(digest)
+            if handle is None or size is None:
+                request.setResponseCode(404)
+                request.finish()
+                return
+            release = lambda: self.store.release(digest)  # noqa: E731
+        else:
+            size = fill.length or 0
+            handle = fill.open_for_reading()
+            release = lambda: None  # noqa: E731
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"docker-content-digest", digest.encode("ascii"))
+        request.setHeader(b"etag", b'"' + digest.encode("ascii") + b'"')
+        request.setHeader(b"accept-ranges", b"bytes")
+        wanted = parse_range((request.getHeader(b"range") or b"").decode("latin-1"), size)
+        if wanted == UNSATISFIABLE:
+            handle.close()
+            release()
+            request.setResponseCode(416)
+            request.setHeader(b"content-range", b"bytes */%d" % size)
+            request.setHeader(b"content-length", b"0")
+            request.finish()
+            return
+        start, end = wanted if wanted is not None else (0, size)
+        if wanted is not None:
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end - 1, size))
+        request.setHeader(b"content-length", b"%d" % (end - start))
+        if request.method == b"HEAD":
+            handle.close()
+            release()
+            request.finish()
+            return
+
+        def closed() -> None:
+            release()
+            if fill is None:
+                self.stats.bytes_from_cache += follower.sent
+
+        follower = FileFollower(request, handle, start, end, fill, on_close=closed)
+        follower.start()

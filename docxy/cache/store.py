@@ -1,0 +1,141 @@
+"""A content-addressed store of verified blobs on local disk, bounded in size.
+
+Layout under the root: `blobs/sha256/<2 hex>/<hex>` holds only complete, verified content,
+entered by an atomic rename; `partial/` holds downloads in progress and is emptied at start,
+so nothing partial is ever served.  Eviction is least-recently-used and never removes a
+blob that a client is reading or that is being filled.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+
+@attrs.define
+class StoreStats:
+    evictions: int = 0
+    evicted_bytes: int = 0
+
+
+def _digest_parts(digest: str) -> tuple[str, str]:
+    algorithm, _, hex_part = digest.partition(":")
+    if not algorithm or not hex_part or "/" in digest or ".." in digest:
+        raise ValueError(f"not a digest: {digest!r}")
+    return algorithm, hex_part
+
+
+class BlobStore:
+    def __init__(self, root: Path | str, max_size: int | None = None) -> None:
+        self.root = Path(root)
+        self.max_size = max_size
+        self.stats = StoreStats()
+        self._blobs = self.root / "blobs"
+        self._partial = self.root / "partial"
+        self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> size, LRU first
+        self._readers: dict[str, int] = {}
+        self._pinned: set[str] = set()
+        self.total = 0
+        self._open()
+
+    def _open(self) -> None:
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._partial.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self._partial.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("removed {n} partial downloads left from an earlier run", n=removed)
+        found = []
+        for algorithm_dir in self._blobs.iterdir():
+            for prefix_dir in algorithm_dir.iterdir():
+                for blob in prefix_dir.iterdir():
+                    st = blob.stat()
+                    found.append((st.st_atime, f"{algorithm_dir.name}:{blob.name}", st.st_size))
+        for _, digest, size in sorted(found):
+            self._entries[digest] = size
+            self.total += size
+
+    # --- reading ------------------------------------------------------------------------
+    def path(self, digest: str) -> Path:
+        algorithm, hex_part = _digest_parts(digest)
+        return self._blobs / algorithm / hex_part[:2] / hex_part
+
+    def size_of(self, digest: str) -> int | None:
+        return self._entries.get(digest)
+
+    def has(self, digest: str) -> bool:
+        return digest in self._entries
+
+    def acquire(self, digest: str):
+        """Open a stored blob for reading and mark it used; None if it is not stored (or
+        vanished underneath us).  Call `release(digest)` when done."""
+        if digest not in self._entries:
+            return None
+        try:
+            f = open(self.path(digest), "rb")
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        self._entries.move_to_end(digest)
+        self._readers[digest] = self._readers.get(digest, 0) + 1
+        return f
+
+    def release(self, digest: str) -> None:
+        count = self._readers.get(digest, 0) - 1
+        if count > 0:
+            self._readers[digest] = count
+        else:
+            self._readers.pop(digest, None)
+
+    # --- writing ------------------------------------------------------------------------
+    def new_partial(self, digest: str) -> tuple[Path, object]:
+        """A fresh partial file for a download of `digest`, opened for writing."""
+        _, hex_part = _digest_parts(digest)
+        fd, name = tempfile.mkstemp(prefix=hex_part[:16] + ".", dir=self._partial)
+        self._pinned.add(digest)
+        return Path(name), os.fdopen(fd, "wb")
+
+    def commit(self, digest: str, partial: Path, size: int) -> Path:
+        """Enter a verified download into the store (atomically) and evict if needed."""
+        self._pinned.discard(digest)
+        target = self.path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, target)
+        if digest not in self._entries:
+            self.total += size
+        self._entries[digest] = size
+        self._entries.move_to_end(digest)
+        self.evict()
+        return target
+
+    def discard(self, digest: str, partial: Path) -> None:
+        self._pinned.discard(digest)
+        partial.unlink(missing_ok=True)
+
+    def evict(self) -> None:
+        if self.max_size is None or self.total <= self.max_size:
+            return
+        for digest in list(self._entries):
+            if self.total <= self.max_size:
+                break
+            if self._readers.get(digest) or digest in self._pinned:
+                continue
+            size = self._entries[digest]
+            self.path(digest).unlink(missing_ok=True)
+            self._forget(digest)
+            self.stats.evictions += 1
+            self.stats.evicted_bytes += size
+            log.info("evicted {digest} ({size} bytes)", digest=digest, size=size)
+
+    def _forget(self, digest: str) -> None:
+        size = self._entries.pop(digest, None)
+        if size is not None:
+            self.total -= size

@@ -1,0 +1,276 @@
+"""The blob cache in memory: the store's bounds and crash safety, a fill's verification,
+and followers that read a growing file at their own pace."""
+import hashlib
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from docxy.cache.fill import Fill
+from docxy.cache.store import BlobStore
+from docxy.config import Config
+from docxy.ranges import UNSATISFIABLE, parse_range
+
+from .fakes import Exchange, FakeResponse, FakeUpstream, make_site
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def put(store: BlobStore, data: bytes) -> str:
+    digest = digest_of(data)
+    path, f = store.new_partial(digest)
+    f.write(data)
+    f.close()
+    store.commit(digest, path, len(data))
+    return digest
+
+
+def test_partial_files_are_removed_on_start(tmp_path):
+    """A download cut by a crash is never served: partial/ is emptied at start."""
+    store = BlobStore(tmp_path)
+    digest = digest_of(b"x" * 10)
+    path, f = store.new_partial(digest)
+    f.write(b"x" * 5)
+    f.close()
+    reopened = BlobStore(tmp_path)
+    assert not path.exists() and not reopened.has(digest)
+
+
+def test_store_survives_restart(tmp_path):
+    store = BlobStore(tmp_path)
+    digest = put(store, b"hello")
+    again = BlobStore(tmp_path)
+    assert again.has(digest) and again.size_of(digest) == 5 and again.total == 5
+
+
+def test_eviction_is_lru_and_spares_readers(tmp_path):
+    """Over the bound the least recently used blob goes, unless someone is reading it."""
+    store = BlobStore(tmp_path, max_size=250)
+    a = put(store, b"a" * 100)
+    b = put(store, b"b" * 100)
+    reading = store.acquire(a)  # a is now the most recently used, and being read
+    c = put(store, b"c" * 100)
+    assert store.has(a) and store.has(c) and not store.has(b)
+    store.release(a)
+    reading.close()
+    store.acquire(c).close()
+    store.release(c)
+    put(store, b"d" * 100)
+    assert not store.has(a) and store.total <= 250
+    assert store.stats.evictions == 2
+
+
+def test_reader_protects_even_the_oldest(tmp_path):
+    store = BlobStore(tmp_path, max_size=150)
+    a = put(store, b"a" * 100)
+    handle = store.acquire(a)
+    put(store, b"b" * 100)
+    assert store.has(a), "a blob being read was evicted"
+    handle.close()
+
+
+def _fill(store, data, length=None, digest=None):
+    from twisted.internet.task import Clock
+
+    digest = digest or digest_of(data)
+    fill = Fill(store, digest, len(data) if length is None else length, Clock(), 30)
+    response = FakeResponse(200, body=data, length=len(data) if length is None else length, auto=False)
+    response.deliverBody(fill)
+    return fill, response
+
+
+def test_fill_enters_store_only_when_digest_matches(tmp_path):
+    store = BlobStore(tmp_path)
+    fill, response = _fill(store, b"good bytes")
+    response.protocol.dataReceived(b"good bytes")
+    response.end()
+    assert fill.state == "complete" and store.has(fill.digest)
+    assert store.path(fill.digest).read_bytes() == b"good bytes"
+
+
+def test_fill_with_wrong_bytes_caches_nothing(tmp_path):
+    """Bytes that do not hash to the digest never enter the cache; no partial remains."""
+    store = BlobStore(tmp_path)
+    fill, response = _fill(store, b"evil bytes", digest=digest_of(b"good bytes"))
+    response.protocol.dataReceived(b"evil bytes")
+    response.end()
+    assert fill.state == "failed" and "digest mismatch" in fill.reason
+    assert not store.has(fill.digest)
+    assert list((tmp_path / "partial").iterdir()) == []
+
+
+def test_cut_fill_caches_nothing(tmp_path):
+    store = BlobStore(tmp_path)
+    fill, response = _fill(store, b"0123456789")
+    response.protocol.dataReceived(b"01234")
+    response.cut()
+    assert fill.state == "failed" and not store.has(fill.digest)
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (None, None),
+        ("bytes=0-99", (0, 100)),
+        ("bytes=10-", (10, 1000)),
+        ("bytes=-100", (900, 1000)),
+        ("bytes=-5000", (0, 1000)),
+        ("bytes=990-5000", (990, 1000)),
+        ("bytes=1000-", UNSATISFIABLE),
+        ("bytes=-0", UNSATISFIABLE),
+        ("bytes=5-2", None),
+        ("bytes=0-1,5-6", None),
+        ("items=0-1", None),
+        ("bytes=-", None),
+    ],
+)
+def test_parse_range(header, expected):
+    """Single byte ranges, suffixes and unsatisfiable ranges; anything else is ignored."""
+    assert parse_range(header, 1000) == expected
+
+
+def _cache_site(tmp_path, data, digest=None):
+    digest = digest or digest_of(data)
+    responses = []
+
+    def respond(method, url, headers, body):
+        if method == b"HEAD":
+            return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
+        r = FakeResponse(200, body=data, length=len(data), auto=False)
+        responses.append(r)
+        return r
+
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    upstream = FakeUpstream(respond)
+    site, _, clock = make_site(config, upstream, with_cache=True)
+    return site, upstream, responses, digest
+
+
+def get(site, path, headers=()):
+    ex = Exchange(site)
+    ex.send("GET", path, headers)
+    return ex
+
+
+def test_concurrent_clients_share_one_upstream_download(tmp_path):
+    """Three clients of one cold blob: one upstream GET; all get every byte, and the
+    last byte only after the digest is verified."""
+    data = bytes(range(256)) * 40
+    site, upstream, responses, digest = _cache_site(tmp_path, data)
+    first = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
+    assert len(responses) == 1
+    fill = responses[0].protocol
+    fill.dataReceived(data[:5000])
+    second = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
+    third = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
+    gets = [c for c in upstream.calls if c[0] == b"GET"]
+    assert len(gets) == 1
+    fill.dataReceived(data[5000:])
+    for ex in (first, second, third):
+        assert ex.transport.value().endswith(data[-2:-1])  # all but the held-back last byte
+    responses[0].end()
+    for ex in (first, second, third):
+        status, headers, body = ex.response()
+        assert status == 200 and body == data
+        assert headers[b"content-length"] == [str(len(data)).encode()]
+
+
+def test_first_client_leaving_does_not_stop_the_download(tmp_path):
+    data = b"z" * 10000
+    site, upstream, responses, digest = _cache_site(tmp_path, data)
+    first = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data[:100])
+    first.http.connectionLost(Failure(ConnectionDone()))
+    assert not responses[0].transport.stopped
+    responses[0].protocol.dataReceived(data[100:])
+    responses[0].end()
+    later = get(site, f"/v2/x/blobs/{digest}")
+    status, _, body = later.response()
+    assert status == 200 and body == data
+    assert len([c for c in upstream.calls if c[0] == b"GET"]) == 1
+
+
+def test_mismatch_aborts_followers_and_next_pull_retries(tmp_path):
+    """A corrupt upstream blob: every client's connection is aborted, nothing is cached,
+    and the next pull asks the upstream again."""
+    site, upstream, responses, digest = _cache_site(tmp_path, b"bad!" * 100, digest=digest_of(b"good" * 100))
+    ex = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(b"bad!" * 100)
+    responses[0].end()
+    assert ex.transport.disconnected
+    assert not ex.transport.value().endswith(b"!" * 1)
+    get(site, f"/v2/x/blobs/{digest}")
+    assert len(responses) == 2
+
+
+def test_cached_range_and_unsatisfiable(tmp_path):
+    """Ranges on a cached blob come from the file: 206 with Content-Range, 416 past the end."""
+    data = bytes(range(200))
+    site, upstream, responses, digest = _cache_site(tmp_path, data)
+    warm = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data)
+    responses[0].end()
+    assert warm.response()[2] == data
+    status, headers, body = get(site, f"/v2/x/blobs/{digest}", [("Range", "bytes=-10")]).response()
+    assert status == 206 and body == data[-10:]
+    assert headers[b"content-range"] == [b"bytes 190-199/200"]
+    status, headers, _ = get(site, f"/v2/x/blobs/{digest}", [("Range", "bytes=500-")]).response()
+    assert status == 416 and headers[b"content-range"] == [b"bytes */200"]
+    assert len(responses) == 1
+
+
+def test_cached_blob_needs_upstream_yes_for_the_client(tmp_path):
+    """A cached blob is served only after the upstream accepts this client's credential
+    for the repository (once); a refusal is relayed with the mirror's realm."""
+    data = b"secret" * 10
+    digest = digest_of(data)
+
+    def respond(method, url, headers, body):
+        auth = headers.getRawHeaders(b"authorization", [b""])[0]
+        if method == b"HEAD":
+            if auth == b"Bearer good":
+                return FakeResponse(307, {b"location": b"https://cdn/x"}, length=0)
+            return FakeResponse(401, {b"www-authenticate": b'Bearer realm="https://a/t",service="s"'}, b"{}")
+        r = FakeResponse(200, body=data)
+        return r
+
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    site, upstream, _ = make_site(config, FakeUpstream(respond), with_cache=True)
+    assert get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer good")]).response()[2] == data
+    status, headers, _ = get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer bad")]).response()
+    assert status == 401 and b"auth/token" in headers[b"www-authenticate"][0]
+    for _ in range(2):
+        assert get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer good")]).response()[0] == 200
+    heads = [c for c in upstream.calls if c[0] == b"HEAD"]
+    assert len(heads) == 2  # one per credential, remembered afterwards
+
+
+def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
+    """Clients that ask while the first is still waiting for the upstream's headers wait
+    for it and join its download: one upstream GET, not one each."""
+    from twisted.internet import defer
+
+    data = b"q" * 5000
+    digest = digest_of(data)
+    answer: defer.Deferred = defer.Deferred()
+    gets = []
+
+    class Slow(FakeUpstream):
+        async def request(self, method, url, headers, body=None, follow_redirects=True):
+            self.calls.append((method, url, headers, body))
+            if method == b"HEAD":
+                return FakeResponse(200, {}, length=0)
+            gets.append(url)
+            return await answer
+
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    site, _, _ = make_site(config, Slow(), with_cache=True)
+    clients = [get(site, f"/v2/x/blobs/{digest}") for _ in range(4)]
+    response = FakeResponse(200, body=data)
+    answer.callback(response)
+    assert len(gets) == 1
+    for ex in clients:
+        status, _, body = ex.response()
+        assert status == 200 and body == data
