@@ -97,6 +97,27 @@ def relay(
     stream(request, response, reactor, idle_timeout)
 
 
+_REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}
+
+
+def refuse(request, head: IResponse, realm: str | None) -> None:
+    """Answer a client with the upstream's refusal learned from a HEAD (an access check):
+    its status and challenge (pointed at `realm`), and a JSON error body of our own, since
+    a HEAD answer has no body to relay."""
+    discard_body(head)
+    if request_gone(request):
+        return
+    for value in head.headers.getRawHeaders(b"www-authenticate", []) if realm else []:
+        request.responseHeaders.addRawHeader(
+            b"www-authenticate", rewrite_challenge(value.decode("latin-1"), realm).encode("latin-1")
+        )
+    retry = head.headers.getRawHeaders(b"retry-after")
+    if retry:
+        request.responseHeaders.setRawHeaders(b"retry-after", retry)
+    code = _REFUSAL_CODES.get(head.code, "DENIED" if head.code < 500 else "UNAVAILABLE")
+    send_error(request, head.code, code, "the upstream refused this request")
+
+
 def body_length(response: IResponse) -> int | None:
     """The upstream's Content-Length.  The HTTP client keeps it only as `length` for a body,
     and only as a header for HEAD (where `length` is 0); a HEAD answer must carry it."""

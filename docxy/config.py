@@ -38,6 +38,7 @@ class Config:
     pool_size: int = 32
     cache_dir: str | None = None
     cache_max_size: int | None = None
+    tag_ttl: float = 0.0
 
     @property
     def upstream_host(self) -> str:

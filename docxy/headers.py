@@ -19,6 +19,18 @@ FORWARDED_REQUEST_HEADERS = (
     b"user-agent",
 )
 
+# What docxy itself accepts when it asks about a manifest (an access check): a registry
+# answers 404 for an OCI index to a request that does not accept OCI types.
+MANIFEST_ACCEPT = b", ".join(
+    [
+        b"application/vnd.oci.image.index.v1+json",
+        b"application/vnd.oci.image.manifest.v1+json",
+        b"application/vnd.docker.distribution.manifest.list.v2+json",
+        b"application/vnd.docker.distribution.manifest.v2+json",
+        b"*/*",
+    ]
+)
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",

@@ -11,7 +11,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from docxy.config import Config
-from docxy.headers import upstream_request_headers
+from docxy.headers import MANIFEST_ACCEPT, upstream_request_headers
 from docxy.names import Route, rewrite_scope, upstream_name, upstream_path
 from docxy.answers import discard_body
 from docxy.tokens import AuthEndpoint, UpstreamAuth, bearer_expiry, read_small_body
@@ -24,6 +24,8 @@ _TAGS_QUERY = ("n", "last")
 _TOKEN_PARAMS = ("account", "client_id", "offline_token")
 DEFAULT_ACCESS_TTL = 60.0  # a credential without a readable expiry
 MAX_ACCESS_TTL = 3600.0
+PUBLIC_TTL = 3600.0
+_YES = frozenset({200, 301, 302, 303, 307, 308})
 _MAX_ACCESS_ENTRIES = 10000
 _TOKEN_FORM = ("grant_type", "client_id", "access_type", "username", "password", "refresh_token")
 
@@ -57,38 +59,85 @@ class RegistryProxy:
         self._reactor = reactor
         # (credential, repository) -> until when the upstream's yes is remembered
         self._access: dict[tuple[bytes, str], float] = {}
+        # repositories anyone may pull, and when each was last probed, -> until when
+        self._public: dict[str, float] = {}
+        self._probed: dict[str, float] = {}
 
     @property
     def mirror_mode(self) -> bool:
         return self._config.mirror_mode
 
-    async def check_access(self, route: Route, client_headers: Headers) -> IResponse | None:
-        """None if the upstream would serve this repository to this client (asked once per
-        credential and repository with a HEAD, remembered until the token expires);
-        otherwise the upstream's refusal, to be relayed."""
+    def _credential(self, client_headers: Headers) -> bytes:
+        if self._config.mirror_mode:
+            return b"mirror"
+        return client_headers.getRawHeaders(b"authorization", [b""])[0]
+
+    def was_allowed(self, route: Route, client_headers: Headers) -> bool:
+        """Whether the upstream ever said yes to this client (or to anyone) for this
+        repository: what may be served from the cache while the upstream cannot be asked."""
         name = upstream_name(route.name, self._config.add_library)
-        credential = (
-            b"mirror"
-            if self._config.mirror_mode
-            else client_headers.getRawHeaders(b"authorization", [b""])[0]
-        )
-        key = (credential, name)
+        return name in self._public or (self._credential(client_headers), name) in self._access
+
+    def note_allowed(self, route: Route, client_headers: Headers) -> None:
+        """The upstream just served this client this repository: remember the yes."""
+        name = upstream_name(route.name, self._config.add_library)
+        credential = self._credential(client_headers)
         now = self._reactor.seconds()
+        expiry = None if self._config.mirror_mode else bearer_expiry(credential)
+        if len(self._access) >= _MAX_ACCESS_ENTRIES:
+            self._access.pop(next(iter(self._access)))
+        self._access[(credential, name)] = min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL)
+
+    async def check_access(self, route: Route, client_headers: Headers) -> IResponse | None:
+        """None if the upstream would serve this repository to this client; otherwise the
+        upstream's refusal, to be relayed.  A repository anyone may pull (asked once an
+        hour with docxy's own anonymous token) needs no per-client question; otherwise the
+        upstream is asked once per credential and repository with a HEAD, and its yes is
+        remembered until the token expires.  While the upstream cannot be asked, an
+        earlier yes stands."""
+        try:
+            return await self._check_access(route, client_headers)
+        except UpstreamError:
+            if self.was_allowed(route, client_headers):
+                return None
+            raise
+
+    async def _check_access(self, route: Route, client_headers: Headers) -> IResponse | None:
+        name = upstream_name(route.name, self._config.add_library)
+        now = self._reactor.seconds()
+        if self._public.get(name, 0) > now:
+            return None
+        if not self._config.mirror_mode and self._probed.get(name, 0) <= now:
+            self._probed[name] = now + PUBLIC_TTL
+            if await self._anyone_may_pull(route, name):
+                self._public[name] = now + PUBLIC_TTL
+                return None
+        credential = self._credential(client_headers)
+        key = (credential, name)
         until = self._access.get(key)
         if until is not None and until > now:
             return None
-        headers = Headers()
+        headers = Headers({b"accept": [MANIFEST_ACCEPT]})
         if credential and not self._config.mirror_mode:
             headers.setRawHeaders(b"authorization", [credential])
         response = await self.pull(route, b"HEAD", headers, [], follow_redirects=False)
-        if response.code not in (200, 301, 302, 303, 307, 308):
+        if response.code not in _YES:
             return response
         discard_body(response)
-        expiry = bearer_expiry(credential) if not self._config.mirror_mode else None
-        if len(self._access) >= _MAX_ACCESS_ENTRIES:
-            self._access.pop(next(iter(self._access)))
-        self._access[key] = min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL)
+        self.note_allowed(route, client_headers)
         return None
+
+    async def _anyone_may_pull(self, route: Route, name: str) -> bool:
+        try:
+            token = await self.auth.token(f"repository:{name}:pull")
+        except UpstreamError:
+            return False
+        headers = Headers({b"accept": [MANIFEST_ACCEPT]})
+        if token:
+            headers.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
+        response = await self.pull(route, b"HEAD", headers, [], follow_redirects=False)
+        discard_body(response)
+        return response.code in _YES
 
     async def pull(
         self,

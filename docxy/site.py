@@ -98,7 +98,7 @@ def api_resource(context: Context) -> Resource:
             b"/v2/": ChallengeResource(context),
             b"/v2": ChallengeResource(context),
             b"/auth/token": TokenResource(context),
-            b"/health": HealthResource(),
+            b"/health": HealthResource(context),
         },
         RegistryResource(context),
     )

@@ -16,6 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from docxy.cache.blobs import BlobCache
+from docxy.cache.manifests import ManifestCache, cache_key
 from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
@@ -56,6 +57,14 @@ def _check_url(option: str, value: str) -> str:
     if parts.query or parts.fragment:
         raise usage.UsageError(f"{option} must not have a query or fragment: {value!r}")
     return value.rstrip("/")
+
+
+def default_cache_dir(env: dict[str, str]) -> str:
+    """systemd's CacheDirectory=, else the XDG cache directory of the user running docxy."""
+    if env.get("CACHE_DIRECTORY"):
+        return env["CACHE_DIRECTORY"].split(":")[0]
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "docxy")
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -107,6 +116,7 @@ docxy listens on tcp:8080."""
         ["library", None, "Add library/ to one-component names (default: on only for "
          "Docker Hub). [DOCXY_LIBRARY=1]"],
         ["no-library", None, "Never add library/ to names. [DOCXY_LIBRARY=0]"],
+        ["no-cache", None, "Do not cache: every pull goes upstream. [DOCXY_NO_CACHE=1]"],
     ]
 
     optParameters = [
@@ -130,8 +140,10 @@ docxy listens on tcp:8080."""
          "[DOCXY_CONNECT_TIMEOUT]", float],
         ["header-timeout", None, 60.0, "Seconds to wait for an upstream's response headers. "
          "[DOCXY_HEADER_TIMEOUT]", float],
-        ["cache-dir", None, None, "Cache blobs (verified by digest) in this directory. "
-         "[DOCXY_CACHE_DIR]"],
+        ["cache-dir", None, None, "Where the cache lives (default: $CACHE_DIRECTORY from "
+         "systemd, else $XDG_CACHE_HOME/docxy or ~/.cache/docxy). [DOCXY_CACHE_DIR]"],
+        ["tag-ttl", None, 0.0, "Seconds a tag's digest is trusted without asking the "
+         "upstream (a HEAD, free on Hub); 0 asks every time. [DOCXY_TAG_TTL]", float],
         ["cache-max-size", None, None, "Bound the cache: bytes, or with a K/M/G/T suffix "
          "(powers of 1024); least recently used blobs go first. [DOCXY_CACHE_MAX_SIZE]"],
         ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before it is cut "
@@ -152,6 +164,7 @@ docxy listens on tcp:8080."""
         "idle-timeout": ("DOCXY_IDLE_TIMEOUT",),
         "cache-dir": ("DOCXY_CACHE_DIR",),
         "cache-max-size": ("DOCXY_CACHE_MAX_SIZE",),
+        "tag-ttl": ("DOCXY_TAG_TTL",),
     }
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -236,8 +249,14 @@ docxy listens on tcp:8080."""
         self.cache_max_size = (
             parse_size(self["cache-max-size"]) if self["cache-max-size"] else None
         )
-        if self.cache_max_size is not None and not self["cache-dir"]:
-            raise usage.UsageError("--cache-max-size needs --cache-dir")
+        if "no-cache" not in self._given and env.get("DOCXY_NO_CACHE"):
+            self["no-cache"] = _env_bool("DOCXY_NO_CACHE", env["DOCXY_NO_CACHE"])
+        if self["no-cache"] and (self["cache-dir"] or self.cache_max_size):
+            raise usage.UsageError("--no-cache contradicts --cache-dir and --cache-max-size")
+        if not self["no-cache"] and not self["cache-dir"]:
+            self["cache-dir"] = default_cache_dir(env)
+        if self["tag-ttl"] < 0:
+            raise usage.UsageError("--tag-ttl must not be negative")
         for option in ("connect-timeout", "header-timeout", "idle-timeout"):
             if not self[option] > 0:
                 raise usage.UsageError(f"--{option} must be a positive number of seconds")
@@ -260,8 +279,9 @@ docxy listens on tcp:8080."""
             connect_timeout=self["connect-timeout"],
             header_timeout=self["header-timeout"],
             idle_timeout=self["idle-timeout"],
-            cache_dir=self["cache-dir"],
+            cache_dir=None if self["no-cache"] else self["cache-dir"],
             cache_max_size=self.cache_max_size,
+            tag_ttl=self["tag-ttl"],
         )
 
 
@@ -294,15 +314,23 @@ def build_service(config: Config, reactor) -> service.MultiService:
     )
     auth = UpstreamAuth(config, client, reactor, credentials)
     proxy = RegistryProxy(config, client, auth, reactor)
-    blobs = None
+    blobs = manifests = None
     if config.cache_dir:
         try:
             store = BlobStore(config.cache_dir, config.cache_max_size)
         except OSError as e:
             raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
         blobs = BlobCache(store, proxy, reactor, config.idle_timeout)
+        manifests = ManifestCache(
+            store, proxy, reactor, cache_key(config.upstream), config.add_library, config.tag_ttl
+        )
     context = Context(
-        config=config, proxy=proxy, reactor=reactor, server_names=names, blobs=blobs
+        config=config,
+        proxy=proxy,
+        reactor=reactor,
+        server_names=names,
+        blobs=blobs,
+        manifests=manifests,
     )
     top = service.MultiService()
     api_site = DocxySite(api_resource(context), reactor)

@@ -11,7 +11,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from docxy.answers import discard_body, relay
+from docxy.answers import discard_body, refuse, relay
 from docxy.cache.fill import Fill
 from docxy.cache.follow import FileFollower
 from docxy.cache.store import BlobStore
@@ -59,7 +59,7 @@ class BlobCache:
             return
         denied = await self._proxy.check_access(route, request.requestHeaders)
         if denied is not None:
-            relay(request, denied, self._reactor, self._idle_timeout, realm)
+            refuse(request, denied, realm)
             return
         fill = self._fills.get(digest)
         if fill is not None:

@@ -68,6 +68,9 @@ class BlobStore:
         algorithm, hex_part = _digest_parts(digest)
         return self._blobs / algorithm / hex_part[:2] / hex_part
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def size_of(self, digest: str) -> int | None:
         return self._entries.get(digest)
 

@@ -20,6 +20,7 @@ class Context:
     reactor: object
     server_names: tuple[str, ...]
     blobs: object | None = None  # docxy.cache.blobs.BlobCache when the cache is on
+    manifests: object | None = None  # docxy.cache.manifests.ManifestCache, likewise
 
 
 def query_pairs(request) -> list[tuple[str, str]]:

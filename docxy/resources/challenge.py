@@ -1,10 +1,28 @@
 """`/v2/`: the API ping.  Relays the upstream's answer with every challenge pointed at this
 mirror's token endpoint; in mirror mode docxy holds the upstream credentials itself and
-answers 200 without asking anyone."""
+answers 200 without asking anyone.  With the cache on and the upstream unreachable it
+answers 200 too, so that cached content keeps being served."""
 from __future__ import annotations
 
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
+
 from docxy.answers import API_VERSION, answer_later, relay, token_realm
+from docxy.relay import request_gone
 from docxy.resources._base import PullResource
+from docxy.upstream import UpstreamError
+
+log = Logger()
+
+
+def _answer_ok(request) -> None:
+    if request_gone(request):
+        return
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"2")
+    request.setHeader(*API_VERSION)
+    request.write(b"{}")
+    request.finish()
 
 
 class ChallengeResource(PullResource):
@@ -12,13 +30,21 @@ class ChallengeResource(PullResource):
         ctx = self.context
         request.docxy_what = ("/v2/", "")
         if ctx.proxy.mirror_mode:
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"content-length", b"2")
-            request.setHeader(*API_VERSION)
-            return b"{}"
+            _answer_ok(request)
+            return NOT_DONE_YET
 
         async def work() -> None:
-            response = await ctx.proxy.ping(request.requestHeaders)
+            try:
+                response = await ctx.proxy.ping(request.requestHeaders)
+            except UpstreamError as e:
+                if ctx.blobs is None:
+                    raise
+                # The upstream cannot be asked: let clients in, so that what the cache
+                # may serve them (repositories anyone may pull, or that they were allowed
+                # before) still pulls; everything else fails later with a clear error.
+                log.warn("upstream unreachable ({err}); /v2/ answered by the mirror", err=e.message)
+                _answer_ok(request)
+                return
             realm = token_realm(request, ctx.config.public_url, ctx.server_names)
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm)
 

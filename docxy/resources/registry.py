@@ -26,6 +26,9 @@ class RegistryResource(PullResource):
             if ctx.proxy.mirror_mode
             else token_realm(request, ctx.config.public_url, ctx.server_names)
         )
+        if route.kind == "manifests" and ctx.manifests is not None:
+            manifests = ctx.manifests
+            return answer_later(request, lambda: manifests.answer(request, route, realm))
         blobs = ctx.blobs
         if (
             blobs is not None

@@ -43,6 +43,9 @@ class Docxy:
             argv += ["--tls", f"{kind}:{self.tls_port}:interface={interface}",
                      "--cert", str(tls[0]), "--key", str(tls[1])]
         argv += list(args)
+        if "--no-cache" not in args and "--cache-dir" not in args:
+            # never the real ~/.cache: each daemon of the suite has its own cache
+            argv += ["--cache-dir", str(self.workdir / "cache")]
         self.process = ManagedProcess(name, argv, self.workdir / f"{name}.log",
                                       env=env, cwd=self.workdir)
 

@@ -7,7 +7,9 @@ of its large layer comes from $DOCXY_TEST_LARGE_MB (default 300).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -72,3 +74,12 @@ def docxy_mirror(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -
     credentials.chmod(0o600)
     args = _mirror_args(upstream) + ["--mirror-mode", "--upstream-credentials", str(credentials)]
     yield from _running(Docxy(workdir, args))
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short scratch directory: containerd's unix socket paths must stay under 104 bytes,
+    which pytest's own tmp_path (named after the test) can exceed."""
+    path = Path(tempfile.mkdtemp(prefix="dx-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

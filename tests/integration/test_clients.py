@@ -5,10 +5,6 @@ registries.conf mirror.  Hub is unreachable here, so a pull that succeeds came t
 docxy; every digest must equal the upstream's."""
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from harness.clients import Containerd, DockerDaemon, Podman
@@ -18,12 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def tmp_path():
-    """A short scratch directory: containerd's unix socket paths must stay under 104 bytes,
-    which pytest's own tmp_path (named after the test) can exceed."""
-    path = Path(tempfile.mkdtemp(prefix="dx-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def tmp_path(short_tmp):
+    return short_tmp
 
 
 def test_docker_pulls_through_plain_http_mirror(upstream, docxy_plain, tmp_path):

@@ -148,9 +148,15 @@ def test_head_manifest_keeps_length_and_digest(upstream, docxy_plain):
     assert heads and heads[-1]["method"] == "HEAD", "HEAD became a GET upstream"
 
 
-def test_blob_redirect_is_followed_without_authorization(upstream, docxy_plain):
+def test_blob_redirect_is_followed_without_authorization(upstream, tmp_path):
     """A blob GET that the registry redirects to the CDN is served by docxy itself (200,
     no Location); the CDN never sees the client's Authorization."""
+    args = ["--upstream", upstream.registry_url, "--upstream-ca", str(upstream.ca_path), "--library", "--no-cache"]
+    with Docxy(tmp_path / "docxy", args) as docxy:
+        _check_redirect_followed(upstream, docxy)
+
+
+def _check_redirect_followed(upstream, docxy_plain):
     image = upstream.images.alpine
     token = _token(docxy_plain, "repository:alpine:pull")
     layer = image.manifest.layers[0]

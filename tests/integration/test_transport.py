@@ -1,7 +1,8 @@
 """Backpressure, disconnects and upstream deaths on real sockets, seen from both ends.
 
 The upstream here is harness.blobserver, which logs how each transfer ended; docxy is the
-installed daemon run by twistd."""
+installed daemon run by twistd, without its cache: these tests are about the relay that
+streams what is not cached (tests/integration/test_cache.py covers the cache)."""
 from __future__ import annotations
 
 import http.client
@@ -73,7 +74,7 @@ def make_docxy(tmp_path):
     started = []
 
     def make(upstream_url: str, *extra: str) -> Docxy:
-        daemon = Docxy(tmp_path / f"docxy{len(started)}", ["--upstream", upstream_url, "--no-library", *extra])
+        daemon = Docxy(tmp_path / f"docxy{len(started)}", ["--upstream", upstream_url, "--no-library", "--no-cache", *extra])
         started.append(daemon)
         return daemon.start()
 

@@ -12,6 +12,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from docxy.cache.blobs import BlobCache
+from docxy.cache.manifests import ManifestCache, cache_key
 from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
@@ -94,11 +95,15 @@ def make_site(config: Config | None = None, upstream: FakeUpstream | None = None
     clock = Clock()
     auth = UpstreamAuth(config, upstream, clock)
     proxy = RegistryProxy(config, upstream, auth, clock)
-    blobs = None
+    blobs = manifests = None
     if with_cache:
-        blobs = BlobCache(BlobStore(config.cache_dir, config.cache_max_size), proxy, clock, config.idle_timeout)
+        store = BlobStore(config.cache_dir, config.cache_max_size)
+        blobs = BlobCache(store, proxy, clock, config.idle_timeout)
+        manifests = ManifestCache(store, proxy, clock, cache_key(config.upstream),
+                                  config.add_library, config.tag_ttl)
     context = Context(
-        config=config, proxy=proxy, reactor=clock, server_names=names, blobs=blobs
+        config=config, proxy=proxy, reactor=clock, server_names=names, blobs=blobs,
+        manifests=manifests,
     )
     return DocxySite(api_resource(context), clock), upstream, clock
 

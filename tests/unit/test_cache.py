@@ -136,6 +136,8 @@ def _cache_site(tmp_path, data, digest=None):
     responses = []
 
     def respond(method, url, headers, body):
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
         if method == b"HEAD":
             return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
         r = FakeResponse(200, body=data, length=len(data), auto=False)
@@ -165,7 +167,7 @@ def test_concurrent_clients_share_one_upstream_download(tmp_path):
     fill.dataReceived(data[:5000])
     second = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
     third = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
-    gets = [c for c in upstream.calls if c[0] == b"GET"]
+    gets = [c for c in upstream.calls if c[0] == b"GET" and "/blobs/" in c[1]]
     assert len(gets) == 1
     fill.dataReceived(data[5000:])
     for ex in (first, second, third):
@@ -189,7 +191,7 @@ def test_first_client_leaving_does_not_stop_the_download(tmp_path):
     later = get(site, f"/v2/x/blobs/{digest}")
     status, _, body = later.response()
     assert status == 200 and body == data
-    assert len([c for c in upstream.calls if c[0] == b"GET"]) == 1
+    assert len([c for c in upstream.calls if c[0] == b"GET" and "/blobs/" in c[1]]) == 1
 
 
 def test_mismatch_aborts_followers_and_next_pull_retries(tmp_path):
@@ -243,8 +245,10 @@ def test_cached_blob_needs_upstream_yes_for_the_client(tmp_path):
     assert status == 401 and b"auth/token" in headers[b"www-authenticate"][0]
     for _ in range(2):
         assert get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer good")]).response()[0] == 200
-    heads = [c for c in upstream.calls if c[0] == b"HEAD"]
+    heads = [c for c in upstream.calls if c[0] == b"HEAD" and c[2].hasHeader(b"authorization")]
     assert len(heads) == 2  # one per credential, remembered afterwards
+    anonymous = [c for c in upstream.calls if c[0] == b"HEAD" and not c[2].hasHeader(b"authorization")]
+    assert len(anonymous) == 1  # docxy asked once whether anyone may pull it: no
 
 
 def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
@@ -262,6 +266,8 @@ def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
             self.calls.append((method, url, headers, body))
             if method == b"HEAD":
                 return FakeResponse(200, {}, length=0)
+            if url.endswith("/v2/"):
+                return FakeResponse(200, body=b"{}")
             gets.append(url)
             return await answer
 
@@ -274,3 +280,142 @@ def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
     for ex in clients:
         status, _, body = ex.response()
         assert status == 200 and body == data
+
+
+# --- manifests ------------------------------------------------------------------------
+
+MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}'
+MTYPE = b"application/vnd.oci.image.index.v1+json"
+
+
+def _manifest_site(tmp_path, down=None, body=MANIFEST, tag_ttl=0.0):
+    """An upstream with one tag `t` of repository `x`; `down` is a list whose truth makes
+    every request fail as unreachable."""
+    from docxy.upstream import UpstreamError
+
+    digest = digest_of(MANIFEST)
+    down = down if down is not None else []
+
+    def respond(method, url, headers, _body):
+        if down:
+            return UpstreamError(502, "UNAVAILABLE", "upstream unreachable")
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
+        if "/manifests/" in url:
+            hdrs = {b"content-type": MTYPE, b"docker-content-digest": digest.encode(),
+                    b"content-length": str(len(body)).encode()}
+            if method == b"HEAD":
+                return FakeResponse(200, hdrs, length=0)
+            return FakeResponse(200, hdrs, body)
+        return FakeResponse(404)
+
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"), tag_ttl=tag_ttl)
+    upstream = FakeUpstream(respond)
+    site, _, clock = make_site(config, upstream, with_cache=True)
+    return site, upstream, digest, down, clock
+
+
+def _manifest_calls(upstream, method):
+    """Manifest requests made for clients (docxy's own public-access probe, which sends its
+    own Accept, is not counted)."""
+    from docxy.headers import MANIFEST_ACCEPT
+
+    return [c for c in upstream.calls if c[0] == method and "/manifests/" in c[1]
+            and c[2].getRawHeaders(b"accept") != [MANIFEST_ACCEPT]]
+
+
+def test_tag_is_resolved_by_head_and_served_from_cache(tmp_path):
+    """First pull of a tag: HEAD + GET upstream; every later pull: one HEAD, no GET."""
+    site, upstream, digest, _, _ = _manifest_site(tmp_path)
+    for _ in range(3):
+        status, headers, body = get(site, "/v2/x/manifests/t").response()
+        assert status == 200 and body == MANIFEST
+        assert headers[b"docker-content-digest"] == [digest.encode()]
+        assert headers[b"content-type"] == [MTYPE]
+    assert len(_manifest_calls(upstream, b"GET")) == 1
+    assert len(_manifest_calls(upstream, b"HEAD")) >= 3
+
+
+def test_manifest_by_digest_needs_no_upstream_content(tmp_path):
+    """A stored manifest by digest is answered without a GET upstream."""
+    site, upstream, digest, _, _ = _manifest_site(tmp_path)
+    get(site, "/v2/x/manifests/t").response()
+    gets_before = len(_manifest_calls(upstream, b"GET"))
+    status, _, body = get(site, f"/v2/x/manifests/{digest}").response()
+    assert status == 200 and body == MANIFEST
+    assert len(_manifest_calls(upstream, b"GET")) == gets_before
+
+
+def test_tag_ttl_skips_the_head(tmp_path):
+    site, upstream, _, _, clock = _manifest_site(tmp_path, tag_ttl=60)
+    get(site, "/v2/x/manifests/t").response()
+    heads = len(_manifest_calls(upstream, b"HEAD"))
+    assert get(site, "/v2/x/manifests/t").response()[0] == 200
+    assert len(_manifest_calls(upstream, b"HEAD")) == heads
+    clock.advance(61)
+    assert get(site, "/v2/x/manifests/t").response()[0] == 200
+    assert len(_manifest_calls(upstream, b"HEAD")) == heads + 1
+
+
+def test_stale_tag_served_when_upstream_is_down(tmp_path):
+    """With the upstream unreachable, a tag pulled before is served from the cache."""
+    site, upstream, digest, down, _ = _manifest_site(tmp_path)
+    get(site, "/v2/x/manifests/t").response()
+    down.append(True)
+    status, headers, body = get(site, "/v2/x/manifests/t").response()
+    assert status == 200 and body == MANIFEST
+    status, _, _ = get(site, "/v2/x/manifests/never-seen").response()
+    assert status == 502
+
+
+def test_manifest_that_does_not_match_its_digest_is_refused(tmp_path):
+    site, upstream, digest, _, _ = _manifest_site(tmp_path, body=b'{"evil":1}')
+    status, _, body = get(site, "/v2/x/manifests/t").response()
+    assert status == 502 and b"DIGEST_INVALID" in body
+    assert not (tmp_path / "cache" / "tags" / "registry.test" / "x" / "t").exists()
+
+
+def test_accepts():
+    from docxy.cache.manifests import accepts
+
+    assert accepts([], "a/b")
+    assert accepts([b"a/b, c/d;q=0.5"], "c/d")
+    assert accepts([b"*/*"], "x/y")
+    assert not accepts([b"application/vnd.docker.distribution.manifest.v2+json"], "application/vnd.oci.image.index.v1+json")
+
+
+def test_refusals_to_a_get_have_a_whole_body(tmp_path):
+    """A GET refused by the upstream's HEAD gets a JSON error whose length matches its
+    body (a HEAD answer's Content-Length must never reach a GET), with the challenge."""
+    def respond(method, url, headers, body):
+        hdrs = {b"www-authenticate": b'Bearer realm="https://a/t",service="s"',
+                b"content-type": b"application/json", b"content-length": b"159"}
+        if method == b"HEAD":
+            return FakeResponse(401, hdrs, length=0)
+        return FakeResponse(401, hdrs, b"{}")
+
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    site, _, _ = make_site(config, FakeUpstream(respond), with_cache=True)
+    status, headers, body = get(site, "/v2/x/manifests/t").response()
+    assert status == 401
+    assert int(headers[b"content-length"][0]) == len(body) and b"UNAUTHORIZED" in body
+    assert b"127.0.0.1:5000/auth/token" in headers[b"www-authenticate"][0]
+
+
+def test_health_reports_cache_size_free_disk_and_counters(tmp_path):
+    import json
+
+    data = b"h" * 300
+    site, upstream, responses, digest = _cache_site(tmp_path, data)
+    ex = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data)
+    responses[0].end()
+    ex.response()
+    get(site, f"/v2/x/blobs/{digest}").response()
+    report = json.loads(get(site, "/health").response()[2])
+    cache = report["cache"]
+    assert report["status"] == "ok"
+    assert cache["size_bytes"] == 300 and cache["entries"] == 1
+    assert cache["free_disk_bytes"] > 0
+    assert cache["blob_misses"] == 1 and cache["blob_hits"] == 1
+    assert cache["bytes_from_upstream"] == 300 and cache["bytes_from_cache"] == 300

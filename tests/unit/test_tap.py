@@ -1,4 +1,6 @@
 """The command line, the environment and the wiring of `twistd docxy`."""
+import tempfile
+
 import pytest
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import Clock
@@ -6,13 +8,18 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from docxy.site import DocxySite
-from docxy.tap import Options, endpoint_port, makeService
+from docxy.tap import Options, endpoint_port, makeService, parse_size
 from docxy.tokens import CredentialsError, read_credentials
 from harness.pki import CertificateAuthority
 
 
+_SCRATCH = tempfile.mkdtemp(prefix="docxy-tap-")
+
+
 def parse(argv, environ=None):
-    options = Options(environ=environ or {})
+    # the default cache directory goes to a scratch place, never to the real ~/.cache
+    environ = {"XDG_CACHE_HOME": _SCRATCH, **(environ or {})}
+    options = Options(environ=environ)
     options.parseOptions(argv)
     return options
 
@@ -203,3 +210,35 @@ def test_credentials_file_forms(tmp_path):
 def test_unreadable_credentials_stop_startup(capsys, tmp_path):
     message = _start_error(capsys, ["--mirror-mode", "--upstream-credentials", str(tmp_path / "none")])
     assert "cannot read upstream credentials file" in message
+
+
+def test_cache_is_on_by_default_in_the_xdg_or_systemd_directory():
+    """With no option the cache lives in systemd's CacheDirectory, else the XDG cache dir."""
+    assert parse([], {"XDG_CACHE_HOME": "/x/cache"}).config().cache_dir == "/x/cache/docxy"
+    assert parse([], {"CACHE_DIRECTORY": "/var/cache/docxy"}).config().cache_dir == "/var/cache/docxy"
+    assert parse(["--cache-dir", "/srv/c"]).config().cache_dir == "/srv/c"
+    assert parse(["--no-cache"]).config().cache_dir is None
+    assert parse([], {"DOCXY_NO_CACHE": "1"}).config().cache_dir is None
+
+
+@pytest.mark.parametrize("text, size", [("123", 123), ("500M", 500 * 2**20), ("20G", 20 * 2**30),
+                                        ("1.5T", int(1.5 * 2**40)), ("10GiB", 10 * 2**30), ("64kb", 64 * 1024)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cache-max-size", "lots"], "cannot read a size"),
+    (["--no-cache", "--cache-dir", "/x"], "contradicts"),
+    (["--tag-ttl", "-1"], "must not be negative"),
+])
+def test_bad_cache_options(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        parse(argv)
+
+
+def test_unusable_cache_dir_is_one_clear_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    message = _start_error(capsys, ["--cache-dir", str(blocker / "cache")])
+    assert "cannot use cache directory" in message

@@ -1,0 +1,282 @@
+"""Manifest answers through the cache.
+
+A manifest by digest is immutable: once stored (verified), it is served without asking the
+upstream for content.  A tag is resolved by a HEAD upstream (free on Hub) with the client's
+own credential and Accept, and its manifest is served from the cache when the digest is
+known; `--tag-ttl` skips even that HEAD for a while.  When the upstream is unreachable,
+answers 5xx or rate-limits, the last known digest of a tag is served (stale).
+Manifest bytes live in the blob store (one copy per digest, whatever asked for it); their
+media type and the tag map live beside it, under `manifests/` and `tags/`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import attrs
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from docxy.answers import API_VERSION, discard_body, refuse, relay
+from docxy.cache.store import BlobStore
+from docxy.names import Route, upstream_name
+from docxy.proxy import RegistryProxy
+from docxy.relay import request_gone
+from docxy.tokens import read_small_body
+from docxy.upstream import UpstreamError
+
+log = Logger()
+
+MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit
+STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class ManifestTooLarge(UpstreamError):
+    def __init__(self) -> None:
+        super().__init__(502, "MANIFEST_INVALID", "upstream manifest larger than 4 MiB")
+
+
+@attrs.frozen
+class TagEntry:
+    digest: str
+    media_type: str
+    checked: float
+
+
+def cache_key(upstream: str) -> str:
+    """The directory name under tags/ for an upstream: its host and port."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(upstream)
+    return (parts.netloc or "upstream").replace(":", "_").replace("/", "_")
+
+
+def accepts(accept_lines: list[bytes], media_type: str) -> bool:
+    """Whether a client's Accept lines admit `media_type` (no Accept admits anything)."""
+    if not accept_lines:
+        return True
+    wanted = {
+        item.split(b";")[0].strip().decode("latin-1").lower()
+        for line in accept_lines
+        for item in line.split(b",")
+    }
+    return "*/*" in wanted or media_type.lower() in wanted
+
+
+class ManifestCache:
+    def __init__(
+        self,
+        store: BlobStore,
+        proxy: RegistryProxy,
+        reactor,
+        upstream_key: str,
+        library: bool,
+        tag_ttl: float = 0.0,
+    ) -> None:
+        self.store = store
+        self._proxy = proxy
+        self._reactor = reactor
+        self._library = library
+        self._tag_ttl = tag_ttl
+        self._types = store.root / "manifests"
+        self._tags = store.root / "tags" / upstream_key
+        self._types.mkdir(parents=True, exist_ok=True)
+        self._tags.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+        self.stale = 0
+
+    # --- the small files beside the store -----------------------------------------------
+    def _type_path(self, digest: str) -> Path:
+        return self._types / digest.replace(":", "_")
+
+    def _tag_path(self, name: str, tag: str) -> Path:
+        return self._tags / name / tag
+
+    def media_type(self, digest: str) -> str | None:
+        try:
+            return self._type_path(digest).read_text().strip() or None
+        except OSError:
+            return None
+
+    def tag(self, name: str, tag: str) -> TagEntry | None:
+        try:
+            data = json.loads(self._tag_path(name, tag).read_text())
+            return TagEntry(data["digest"], data["media_type"], float(data["checked"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _remember_tag(self, name: str, tag: str, digest: str, media_type: str) -> None:
+        entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
+        _atomic_write(self._tag_path(name, tag), json.dumps(entry).encode())
+
+    def _put(self, digest: str, body: bytes, media_type: str) -> None:
+        path, f = self.store.new_partial(digest)
+        with f:
+            f.write(body)
+        _atomic_write(self._type_path(digest), media_type.encode())
+        self.store.commit(digest, path, len(body))
+
+    def _read(self, digest: str) -> bytes | None:
+        handle = self.store.acquire(digest)
+        if handle is None:
+            return None
+        try:
+            return handle.read()
+        finally:
+            handle.close()
+            self.store.release(digest)
+
+    # --- answers ------------------------------------------------------------------------
+    async def answer(self, request, route: Route, realm: str | None) -> None:
+        if route.is_digest:
+            await self._by_digest(request, route, realm)
+        else:
+            await self._by_tag(request, route, realm)
+
+    async def _by_digest(self, request, route: Route, realm: str | None) -> None:
+        digest = route.reference
+        body = self._read(digest) if self.store.has(digest) else None
+        media_type = self.media_type(digest) if body is not None else None
+        if body is not None and media_type is not None:
+            denied = await self._proxy.check_access(route, request.requestHeaders)
+            if denied is not None:
+                refuse(request, denied, realm)
+                return
+            self.hits += 1
+            self._send(request, digest, media_type, body)
+            return
+        if request.method == b"HEAD":
+            response = await self._proxy.pull(route, b"HEAD", request.requestHeaders, [])
+            relay(request, response, self._reactor, 0, realm)
+            return
+        await self._fetch(request, route, realm, expected=digest)
+
+    async def _by_tag(self, request, route: Route, realm: str | None) -> None:
+        name = upstream_name(route.name, self._library)
+        accept = request.requestHeaders.getRawHeaders(b"accept", [])
+        entry = self.tag(name, route.reference)
+        usable = entry is not None and self.store.has(entry.digest) and accepts(accept, entry.media_type)
+        now = self._reactor.seconds()
+        if usable and self._tag_ttl > 0 and now - entry.checked < self._tag_ttl:
+            denied = await self._proxy.check_access(route, request.requestHeaders)
+            if denied is None and self._serve_stored(request, entry.digest, entry.media_type):
+                self.hits += 1
+                return
+        try:
+            head = await self._proxy.pull(route, b"HEAD", request.requestHeaders, [])
+        except UpstreamError:
+            if usable and await self._allowed_offline(route, request):
+                self._serve_stale(request, route, entry, "upstream unreachable")
+                return
+            raise
+        digest = (head.headers.getRawHeaders(b"docker-content-digest", [b""])[0]).decode("latin-1")
+        if head.code in STALE_STATUSES and usable and await self._allowed_offline(route, request):
+            discard_body(head)
+            self._serve_stale(request, route, entry, f"upstream answered {head.code}")
+            return
+        media_type = self.media_type(digest) if digest and self.store.has(digest) else None
+        if request.method == b"HEAD" and (head.code != 200 or media_type is None):
+            # Not stored (or refused): the upstream's HEAD is the answer to a HEAD.
+            relay(request, head, self._reactor, 0, realm)
+            return
+        if head.code == 401:
+            refuse(request, head, realm)  # the challenge, with our realm
+            return
+        if head.code != 200 or media_type is None:
+            # A GET: fetch it (an error is then relayed with the upstream's own body).
+            discard_body(head)
+            await self._fetch(request, route, realm, expected=digest or None)
+            return
+        discard_body(head)
+        self._proxy.note_allowed(route, request.requestHeaders)
+        if self._serve_stored(request, digest, media_type):
+            self.hits += 1
+            self._remember_tag(name, route.reference, digest, media_type)
+            return
+        await self._fetch(request, route, realm, expected=digest)
+
+    async def _fetch(self, request, route: Route, realm: str | None, expected: str | None) -> None:
+        """GET the manifest upstream, verify it, store it, answer it."""
+        response = await self._proxy.pull(route, b"GET", request.requestHeaders, [])
+        if response.code != 200:
+            relay(request, response, self._reactor, 0, realm)
+            return
+        try:
+            body = await read_small_body(response, MAX_MANIFEST)
+        except UpstreamError:
+            raise ManifestTooLarge() from None
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        announced = response.headers.getRawHeaders(b"docker-content-digest", [b""])[0].decode("latin-1")
+        if (expected and expected != digest and expected.startswith("sha256:")) or (
+            announced and announced.startswith("sha256:") and announced != digest
+        ):
+            log.warn(
+                "manifest for {name}:{ref} does not match its digest; not cached",
+                name=route.name,
+                ref=route.reference,
+            )
+            raise UpstreamError(502, "DIGEST_INVALID", "upstream manifest does not match its digest")
+        media_type = (
+            response.headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[0]
+        ).decode("latin-1")
+        self.misses += 1
+        self._proxy.note_allowed(route, request.requestHeaders)
+        self._put(digest, body, media_type)
+        if not route.is_digest:
+            name = upstream_name(route.name, self._library)
+            self._remember_tag(name, route.reference, digest, media_type)
+        self._send(request, digest, media_type, body, response.headers)
+
+    async def _allowed_offline(self, route: Route, request) -> bool:
+        """Whether cached content may be served to this client while the upstream cannot
+        be asked: only if the upstream said yes to it (or to everyone) before."""
+        return self._proxy.was_allowed(route, request.requestHeaders)
+
+    def _serve_stale(self, request, route: Route, entry: TagEntry, why: str) -> None:
+        self.stale += 1
+        log.warn(
+            "serving {name}:{tag} stale from the cache ({why})",
+            name=route.name,
+            tag=route.reference,
+            why=why,
+        )
+        if not self._serve_stored(request, entry.digest, entry.media_type):
+            raise UpstreamError(503, "UNAVAILABLE", "upstream unavailable")
+
+    def _serve_stored(self, request, digest: str, media_type: str) -> bool:
+        body = self._read(digest)
+        if body is None:
+            return False
+        self._send(request, digest, media_type, body)
+        return True
+
+    def _send(self, request, digest: str, media_type: str, body: bytes, upstream: Headers | None = None) -> None:
+        if request_gone(request):
+            return
+        request.setResponseCode(200)
+        if upstream is not None:
+            for name in (b"ratelimit-limit", b"ratelimit-remaining", b"docker-ratelimit-source"):
+                values = upstream.getRawHeaders(name)
+                if values:
+                    request.responseHeaders.setRawHeaders(name, values)
+        request.setHeader(b"content-type", media_type.encode("latin-1"))
+        request.setHeader(b"docker-content-digest", digest.encode("ascii"))
+        request.setHeader(b"etag", b'"' + digest.encode("ascii") + b'"')
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.setHeader(*API_VERSION)
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
