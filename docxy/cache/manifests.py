@@ -193,6 +193,7 @@ class ManifestCache:
             return
         discard_body(head)
         self._proxy.note_allowed(route, request.requestHeaders)
+        self._proxy.note_link(attrs.evolve(route, reference=digest))
         if self._serve_stored(request, digest, media_type):
             self.hits += 1
             self._remember_tag(name, route.reference, digest, media_type)
@@ -225,6 +226,7 @@ class ManifestCache:
         ).decode("latin-1")
         self.misses += 1
         self._proxy.note_allowed(route, request.requestHeaders)
+        self._proxy.note_link(attrs.evolve(route, reference=digest))
         self._put(digest, body, media_type)
         if not route.is_digest:
             name = upstream_name(route.name, self._library)

@@ -246,7 +246,8 @@ def test_cached_blob_needs_upstream_yes_for_the_client(tmp_path):
     for _ in range(2):
         assert get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer good")]).response()[0] == 200
     heads = [c for c in upstream.calls if c[0] == b"HEAD" and c[2].hasHeader(b"authorization")]
-    assert len(heads) == 2  # one per credential, remembered afterwards
+    # "good" was answered by the upstream itself (its download); "bad" was asked once
+    assert [c[2].getRawHeaders(b"authorization") for c in heads] == [[b"Bearer bad"]]
     anonymous = [c for c in upstream.calls if c[0] == b"HEAD" and not c[2].hasHeader(b"authorization")]
     assert len(anonymous) == 1  # docxy asked once whether anyone may pull it: no
 
@@ -419,3 +420,35 @@ def test_health_reports_cache_size_free_disk_and_counters(tmp_path):
     assert cache["free_disk_bytes"] > 0
     assert cache["blob_misses"] == 1 and cache["blob_hits"] == 1
     assert cache["bytes_from_upstream"] == 300 and cache["bytes_from_cache"] == 300
+
+
+def test_public_repo_path_cannot_read_another_repos_blob(tmp_path):
+    """A digest cached from a private repository is not served through a public
+    repository's path unless the upstream holds it there too."""
+    data = b"private layer" * 10
+    digest = digest_of(data)
+    public_data = b"public layer" * 10
+    public_digest = digest_of(public_data)
+
+    def respond(method, url, headers, body):
+        auth = headers.getRawHeaders(b"authorization", [b""])[0]
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
+        if "/v2/private/" in url:
+            if auth != b"Bearer owner":
+                return FakeResponse(401, {b"www-authenticate": b'Bearer realm="https://a/t"'}, length=0)
+            return FakeResponse(200, body=data) if method == b"GET" else FakeResponse(200, length=0)
+        if "/v2/public/" in url and url.endswith(digest):
+            return FakeResponse(404, {b"content-type": b"application/json"}, b'{"errors":[]}') \
+                if method == b"GET" else FakeResponse(404, length=0)
+        if "/v2/public/" in url and url.endswith(public_digest):
+            return FakeResponse(200, body=public_data) if method == b"GET" else FakeResponse(200, length=0)
+        return FakeResponse(404, length=0)
+
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    site, upstream, _ = make_site(config, FakeUpstream(respond), with_cache=True)
+    assert get(site, f"/v2/private/x/blobs/{digest}", [("Authorization", "Bearer owner")]).response()[2] == data
+    for _ in range(2):  # the second pull is a hit: docxy learns that anyone may pull public/x
+        assert get(site, f"/v2/public/x/blobs/{public_digest}").response()[2] == public_data
+    status, _, body = get(site, f"/v2/public/x/blobs/{digest}").response()
+    assert status == 404 and data not in body
