@@ -11,8 +11,8 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from docxy.answers import discard_body, refuse, relay
-from docxy.cache.fill import Fill
+from docxy.answers import discard_body, refuse, relay, send_error
+from docxy.cache.fill import COMPLETE, FAILED, Fill
 from docxy.cache.follow import FileFollower
 from docxy.cache.store import BlobStore
 from docxy.names import Route
@@ -125,12 +125,17 @@ class BlobCache:
     def _serve(self, request, digest: str, fill: Fill | None) -> None:
         if request_gone(request):
             return
+        if fill is not None and fill.state == FAILED:
+            # It ended (in this very call stack, for a small body) and was not whole.
+            send_error(request, 502, "BLOB_UNKNOWN", "the upstream blob failed verification")
+            return
+        if fill is not None and fill.state == COMPLETE:
+            fill = None  # already in the store
         if fill is None:
             size = self.store.size_of(digest)
             handle = self.store.acquire(digest)
             if handle is None or size is None:
-                request.setResponseCode(404)
-                request.finish()
+                send_error(request, 404, "BLOB_UNKNOWN", "blob unknown to the cache")
                 return
             release = lambda: self.store.release(digest)  # noqa: E731
         else:

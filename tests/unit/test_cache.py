@@ -452,3 +452,15 @@ def test_public_repo_path_cannot_read_another_repos_blob(tmp_path):
         assert get(site, f"/v2/public/x/blobs/{public_digest}").response()[2] == public_data
     status, _, body = get(site, f"/v2/public/x/blobs/{digest}").response()
     assert status == 404 and data not in body
+
+
+def test_small_blob_delivered_at_once_is_served_or_refused_cleanly(tmp_path):
+    """A body that ends while the first client is being set up: served whole when it
+    verifies, a JSON 502 when it does not (never a crash)."""
+    good = b"tiny"
+    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    site, _, _ = make_site(config, FakeUpstream(lambda m, u, h, b: FakeResponse(200, body=good)), with_cache=True)
+    status, _, body = get(site, f"/v2/x/blobs/{digest_of(good)}").response()
+    assert status == 200 and body == good
+    status, _, body = get(site, f"/v2/x/blobs/{digest_of(b'other')}").response()
+    assert status == 502 and b"BLOB_UNKNOWN" in body
