@@ -56,8 +56,8 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=int, default=512,
                    help="blob size in MiB for 'warm' and 'cold' (default 512)")
-    p.add_argument("--repeat", type=int, default=5,
-                   help="warm pulls per path (default 5)")
+    p.add_argument("--repeat", type=int, default=7,
+                   help="warm pulls per path (default 7)")
     p.add_argument("--clients", type=int, default=20,
                    help="concurrent cold clients (default 20)")
     p.add_argument("--large-layer-mb", type=int, default=4,
@@ -511,15 +511,19 @@ def part_docker(stack, work: Path, args) -> dict:
         for line in rec["registry_requests_list"]:
             print(f"docker:   {line}", file=sys.stderr)
     warm = pulls[1]
-    heads = warm["registry_by_method"].get("HEAD", 0)
-    gets = warm["registry_by_method"].get("GET", 0)
+    # The target is about content (manifests and blobs: what Hub counts and limits);
+    # dockerd's GET /v2/ ping, passed upstream, is reported beside it.
+    content = [x for x in warm["registry_requests_list"] if "/manifests/" in x or "/blobs/" in x]
+    heads = sum(1 for x in content if x.startswith("HEAD "))
+    gets = sum(1 for x in content if x.startswith("GET "))
     return {"image": "multiarch:latest (docker manifest list, linux/amd64 + linux/arm64/v8)",
             "large_layer_bytes": args.large_layer_mb << 20,
             "pulls": pulls, "warm_heads": heads, "warm_gets": gets,
             "warm_other": warm["registry_requests"] - heads - gets,
+            "warm_pings": sum(1 for x in warm["registry_requests_list"] if x.startswith("GET /v2/ ")),
             "warm_token_requests": warm["token_requests"],
             "target": DOCKER_TARGET,
-            "met": heads == 1 and gets == 0 and warm["registry_requests"] == 1}
+            "met": heads == 1 and gets == 0}
 
 
 # --- run, report --------------------------------------------------------------------------
@@ -628,13 +632,16 @@ def render(results: dict) -> str:
                    f"MiB); each pull by a fresh dockerd.\n\n")
         out.append(c.table(["pull", "registry HEADs", "registry GETs", "other",
                             "token requests", "CDN requests", "seconds"], rows))
-        warm = dk["pulls"][1]
-        listing = "\n".join(f"  - `{x}`" for x in warm["registry_requests_list"]) or "  - none"
-        tok = "\n".join(f"  - `{x}`" for x in warm["token_requests_list"]) or "  - none"
-        out.append(f"\nwarm pull: {dk['warm_heads']} HEAD, {dk['warm_gets']} GET, "
-                   f"{dk['warm_token_requests']} token requests (target 1 HEAD, 0 GET: "
-                   f"{verdict(dk['met'])})\n\n- upstream registry requests of the warm pull:\n"
-                   f"{listing}\n- token requests of the warm pull:\n{tok}\n")
+        for p in dk["pulls"][1:]:
+            listing = "\n".join(f"  - `{x}`" for x in p["registry_requests_list"]) or "  - none"
+            tok = "\n".join(f"  - `{x}`" for x in p["token_requests_list"]) or "  - none"
+            out.append(f"\n{p['pull']} pull, upstream registry requests:\n{listing}\n"
+                       f"{p['pull']} pull, token service requests:\n{tok}\n")
+        out.append(f"\nwarm pull (the second), manifest and blob requests upstream: "
+                   f"{dk['warm_heads']} HEAD, {dk['warm_gets']} GET "
+                   f"(target 1 HEAD, 0 GET: {verdict(dk['met'])}); besides them "
+                   f"{dk['warm_other']} other request(s) ({dk.get('warm_pings', 0)} of them "
+                   f"dockerd's GET /v2/ ping) and {dk['warm_token_requests']} token request(s)\n")
     return "".join(out)
 
 

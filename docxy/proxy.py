@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -57,6 +59,9 @@ def _bounded_put(table: dict, key, value, limit: int = _MAX_ACCESS_ENTRIES) -> N
     if len(table) >= limit:
         table.pop(next(iter(table)))
     table[key] = value
+
+
+log = Logger()
 
 
 class RegistryProxy:
@@ -144,7 +149,6 @@ class RegistryProxy:
             if not self._config.mirror_mode and self._probed.get(name, 0) <= now:
                 self._probed[name] = now + PUBLIC_TTL
                 if await self._anyone_may_pull(route):
-                    self._public[name] = now + PUBLIC_TTL
                     return None
             until = self._access.get((credential, name))
             if until is not None and until > now:
@@ -172,6 +176,18 @@ class RegistryProxy:
         if token:
             headers.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
 
+    def learn_publicity(self, route: Route) -> None:
+        """Find out in the background, unless done within the hour, whether anyone may
+        pull this repository; done on a cache miss so that later hits cost nothing."""
+        name = upstream_name(route.name, self._config.add_library)
+        now = self._reactor.seconds()
+        if self._config.mirror_mode or self._probed.get(name, 0) > now:
+            return
+        self._probed[name] = now + PUBLIC_TTL
+        d = defer.Deferred.fromCoroutine(self._anyone_may_pull(route))
+        d.addErrback(lambda f: log.info("could not ask whether {name} is public: {err}",
+                                        name=name, err=f.getErrorMessage()))
+
     async def _anyone_may_pull(self, route: Route) -> bool:
         name = upstream_name(route.name, self._config.add_library)
         headers = Headers({b"accept": [MANIFEST_ACCEPT]})
@@ -180,6 +196,7 @@ class RegistryProxy:
         discard_body(response)
         if response.code in _YES:
             self.note_link(route)
+            self._public[name] = self._reactor.seconds() + PUBLIC_TTL
             return True
         return False
 

@@ -109,6 +109,7 @@ class BlobCache:
         fill = Fill(self.store, digest, response.length, self._reactor, self._idle_timeout,
                     on_end=self._fill_ended)
         self._proxy.note_allowed(route, request.requestHeaders)
+        self._proxy.learn_publicity(route)
         self._fills[digest] = fill
         response.deliverBody(fill)
         if not request_gone(request):

@@ -225,8 +225,10 @@ class ManifestCache:
             response.headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[0]
         ).decode("latin-1")
         self.misses += 1
+        by_digest = attrs.evolve(route, reference=digest)
         self._proxy.note_allowed(route, request.requestHeaders)
-        self._proxy.note_link(attrs.evolve(route, reference=digest))
+        self._proxy.note_link(by_digest)
+        self._proxy.learn_publicity(by_digest)
         self._put(digest, body, media_type)
         if not route.is_digest:
             name = upstream_name(route.name, self._library)
