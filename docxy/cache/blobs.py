@@ -3,7 +3,7 @@ is followed as its bytes arrive, and a miss starts the one upstream download tha
 later client follows.
 
 Cached content of a repository is served only to a client the upstream would serve it to:
-`RegistryProxy.check_access` asks the upstream once per (credential, repository).
+`docxy.access.AccessGate` asks the upstream (see there).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class BlobCache:
         if not self.holds(digest):
             await self._miss(request, route, realm)
             return
-        denied = await self._proxy.check_access(route, request.requestHeaders)
+        denied = await self._proxy.access.check_access(route, request.requestHeaders)
         if denied is not None:
             refuse(request, denied, realm)
             return
@@ -108,8 +108,8 @@ class BlobCache:
         self.stats.misses += 1
         fill = Fill(self.store, digest, response.length, self._reactor, self._idle_timeout,
                     on_end=self._fill_ended)
-        self._proxy.note_allowed(route, request.requestHeaders)
-        self._proxy.learn_publicity(route)
+        self._proxy.access.note_allowed(route, request.requestHeaders)
+        self._proxy.access.learn_publicity(route)
         self._fills[digest] = fill
         response.deliverBody(fill)
         if not request_gone(request):

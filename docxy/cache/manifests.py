@@ -142,7 +142,7 @@ class ManifestCache:
         body = self._read(digest) if self.store.has(digest) else None
         media_type = self.media_type(digest) if body is not None else None
         if body is not None and media_type is not None:
-            denied = await self._proxy.check_access(route, request.requestHeaders)
+            denied = await self._proxy.access.check_access(route, request.requestHeaders)
             if denied is not None:
                 refuse(request, denied, realm)
                 return
@@ -162,7 +162,7 @@ class ManifestCache:
         usable = entry is not None and self.store.has(entry.digest) and accepts(accept, entry.media_type)
         now = self._reactor.seconds()
         if usable and self._tag_ttl > 0 and now - entry.checked < self._tag_ttl:
-            denied = await self._proxy.check_access(route, request.requestHeaders)
+            denied = await self._proxy.access.check_access(route, request.requestHeaders)
             if denied is None and self._serve_stored(request, entry.digest, entry.media_type):
                 self.hits += 1
                 return
@@ -192,8 +192,8 @@ class ManifestCache:
             await self._fetch(request, route, realm, expected=digest or None)
             return
         discard_body(head)
-        self._proxy.note_allowed(route, request.requestHeaders)
-        self._proxy.note_link(attrs.evolve(route, reference=digest))
+        self._proxy.access.note_allowed(route, request.requestHeaders)
+        self._proxy.access.note_link(attrs.evolve(route, reference=digest))
         if self._serve_stored(request, digest, media_type):
             self.hits += 1
             self._remember_tag(name, route.reference, digest, media_type)
@@ -226,9 +226,9 @@ class ManifestCache:
         ).decode("latin-1")
         self.misses += 1
         by_digest = attrs.evolve(route, reference=digest)
-        self._proxy.note_allowed(route, request.requestHeaders)
-        self._proxy.note_link(by_digest)
-        self._proxy.learn_publicity(by_digest)
+        self._proxy.access.note_allowed(route, request.requestHeaders)
+        self._proxy.access.note_link(by_digest)
+        self._proxy.access.learn_publicity(by_digest)
         self._put(digest, body, media_type)
         if not route.is_digest:
             name = upstream_name(route.name, self._library)
@@ -238,7 +238,7 @@ class ManifestCache:
     async def _allowed_offline(self, route: Route, request) -> bool:
         """Whether cached content may be served to this client while the upstream cannot
         be asked: only if the upstream said yes to it (or to everyone) before."""
-        return self._proxy.was_allowed(route, request.requestHeaders)
+        return self._proxy.access.was_allowed(route, request.requestHeaders)
 
     def _serve_stale(self, request, route: Route, entry: TagEntry, why: str) -> None:
         self.stale += 1
