@@ -399,3 +399,33 @@ def established_to(pid: int, remote_port: int) -> int:
             if int(f[2].rsplit(":", 1)[1], 16) == remote_port and f[9] in inodes:
                 count += 1
     return count
+
+
+def curl_pull(url: str, timeout: float) -> dict:
+    """One GET with curl, body to /dev/null; returns status, bytes, seconds."""
+    argv = ["curl", "-sS", "--http1.1", "-o", "/dev/null", "--max-time", str(timeout),
+            "-w", "%{http_code} %{size_download} %{time_total} %{time_starttransfer}", url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
+    fields = out.stdout.split()
+    if len(fields) != 4:
+        return {"status": None, "ok": False, "error": f"curl rc={out.returncode} {out.stderr.strip()}"}
+    code, size, total, ttfb = int(fields[0]), int(fields[1]), float(fields[2]), float(fields[3])
+    return {"status": code, "bytes": size, "seconds": total, "ttfb": ttfb,
+            "curl_rc": out.returncode, "stderr": out.stderr.strip()}
+
+
+def run_benchmark(args, run: Callable, render: Callable, passed: Callable) -> int:
+    """The common main: run, print the table, write the results; exit 0 when the targets
+    are met, 1 when not, 130 when interrupted (everything started is stopped either way)."""
+    install_signal_handlers()
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    md = render(results)
+    print(md)
+    if not args.no_results:
+        j, m = write_results(args.results_name, results, md, args.results_dir)
+        print(f"results: {j} {m}", file=sys.stderr)
+    return 0 if passed(results) else 1

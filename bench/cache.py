@@ -33,7 +33,6 @@ import http.client
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -86,18 +85,6 @@ def parse_args(argv=None):
 
 
 # --- clients ------------------------------------------------------------------------------
-
-def curl_pull(url: str, timeout: float) -> dict:
-    """One GET with curl, body to /dev/null; returns status, bytes, seconds."""
-    argv = ["curl", "-sS", "--http1.1", "-o", "/dev/null", "--max-time", str(timeout),
-            "-w", "%{http_code} %{size_download} %{time_total} %{time_starttransfer}", url]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-    fields = out.stdout.split()
-    if len(fields) != 4:
-        return {"status": None, "error": f"curl rc={out.returncode} {out.stderr.strip()}"}
-    return {"status": int(fields[0]), "bytes": int(fields[1]), "seconds": float(fields[2]),
-            "ttfb": float(fields[3]), "curl_rc": out.returncode}
-
 
 def hashing_get(port: int, path: str, timeout: float) -> dict:
     """GET http://127.0.0.1:port/path, read the whole body in 1 MiB blocks and hash it."""
@@ -319,7 +306,7 @@ def part_warm(stack, work: Path, args, blob: c.BlobFile, front: c.NginxProcess) 
     }
     # One unmeasured pull from each (the file is in the page cache for both alike).
     for name, (url, _) in targets.items():
-        r = curl_pull(url, args.pull_timeout)
+        r = c.curl_pull(url, args.pull_timeout)
         if r.get("status") != 200 or r.get("bytes") != blob.size:
             raise RuntimeError(f"warm-up pull from {name} failed: {r}")
     time.sleep(1)
@@ -330,7 +317,7 @@ def part_warm(stack, work: Path, args, blob: c.BlobFile, front: c.NginxProcess) 
         for name in order:
             url, pids = targets[name]
             cpu_before = {p: c.cpu_seconds(p) for p in pids()}
-            r = curl_pull(url, args.pull_timeout)
+            r = c.curl_pull(url, args.pull_timeout)
             cpu = sum(c.cpu_seconds(p) - v for p, v in cpu_before.items())
             ok = r.get("status") == 200 and r.get("bytes") == blob.size
             rec = {"round": i, "path": name, "ok": ok, **r, "cpu_s": round(cpu, 3),
@@ -569,7 +556,7 @@ def verdict(ok: bool | None) -> str:
 
 
 def render(results: dict) -> str:
-    out = [f"# docxy's pull-through cache\n\n", c.machine_markdown(results["machine"])]
+    out = ["# docxy's pull-through cache\n\n", c.machine_markdown(results["machine"])]
     size = results["blob_bytes"]
     out.append(f"- run time {results['run_seconds']} s; MB = 10^6 bytes\n\n")
     if "warm" in results:
@@ -650,20 +637,7 @@ def all_met(results: dict) -> bool:
 
 
 def main(argv=None) -> int:
-    c.install_signal_handlers()
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    md = render(results)
-    print(md)
-    if not args.no_results:
-        j, m = c.write_results(args.results_name, results, md, args.results_dir)
-        print(f"results: {j} {m}", file=sys.stderr)
-    return 0 if all_met(results) else 1
-
+    return c.run_benchmark(parse_args(argv), run, render, all_met)
 
 if __name__ == "__main__":
     sys.exit(main())

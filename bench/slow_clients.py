@@ -355,21 +355,8 @@ def render(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    c.install_signal_handlers()
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    md = render(results)
-    print(md)
-    if not args.no_results:
-        j, m = c.write_results(args.results_name, results, md, args.results_dir)
-        print(f"results: {j} {m}", file=sys.stderr)
-    dx = results["runs"]["docxy"]
-    return 0 if passed(dx) else 1
-
+    return c.run_benchmark(parse_args(argv), run, render,
+                           lambda results: passed(results["runs"]["docxy"]))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,19 +59,6 @@ def parse_args(argv=None):
     if args.repeat < 1 or args.size_mb < 1:
         p.error("--repeat and --size-mb must be at least 1")
     return args
-
-
-def curl_pull(url: str, timeout: float) -> dict:
-    """One GET with curl, body to /dev/null; returns status, bytes, seconds."""
-    argv = ["curl", "-sS", "--http1.1", "-o", "/dev/null", "--max-time", str(timeout),
-            "-w", "%{http_code} %{size_download} %{time_total} %{time_starttransfer}", url]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-    fields = out.stdout.split()
-    if len(fields) != 4:
-        return {"ok": False, "error": f"curl rc={out.returncode} {out.stderr.strip()}"}
-    code, size, total, ttfb = int(fields[0]), int(fields[1]), float(fields[2]), float(fields[3])
-    return {"status": code, "bytes": size, "seconds": total, "ttfb": ttfb,
-            "curl_rc": out.returncode, "stderr": out.stderr.strip()}
 
 
 def upstream_blob_gets(upstream) -> int:
@@ -127,7 +113,7 @@ def run(args) -> dict:
             targets["direct"] = (upstream.url, lambda: [])
 
         # One unmeasured direct pull: the blob file is then in the page cache for everyone.
-        warm = curl_pull(upstream.url + path, args.pull_timeout)
+        warm = c.curl_pull(upstream.url + path, args.pull_timeout)
         if warm.get("status") != 200 or warm.get("bytes") != size:
             raise RuntimeError(f"warm-up pull from the upstream failed: {warm}")
 
@@ -147,7 +133,7 @@ def run(args) -> dict:
                 try:
                     cpu_before = {p: c.cpu_seconds(p) for p in [*pids(), upstream_pid]}
                     with c.RssSampler(pids, 0.05) as sampler:
-                        r = curl_pull(base + path, args.pull_timeout)
+                        r = c.curl_pull(base + path, args.pull_timeout)
                     cpu_after = {p: c.cpu_seconds(p) for p in cpu_before}
                 finally:
                     if proxy is not None:
@@ -239,21 +225,8 @@ def render(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    c.install_signal_handlers()
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    md = render(results)
-    print(md)
-    if not args.no_results:
-        j, m = c.write_results(args.results_name, results, md, args.results_dir)
-        print(f"results: {j} {m}", file=sys.stderr)
-    failed = sum(s["failed"] for s in results["summary"].values())
-    return 1 if failed else 0
-
+    return c.run_benchmark(parse_args(argv), run, render,
+                           lambda results: not sum(s["failed"] for s in results["summary"].values()))
 
 if __name__ == "__main__":
     sys.exit(main())
