@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Cold pull throughput of one large blob over loopback, side by side:
 
-  docxy        twistd docxy --upstream http://127.0.0.1:REG --no-library
+  docxy        twistd docxy --upstream http://127.0.0.1:REG --no-library, its cache on (the
+               default) in a fresh directory for every pull so that it is always cold
+  docxy-nocache  the same with --no-cache: the plain streaming relay
   nginx        nginx proxy_pass to the same registry, nginx's default proxy buffering
   distproxy    the distribution registry in proxy mode (remoteurl = the registry), a fresh
                storage directory for every pull so that it is always cold
@@ -27,8 +29,8 @@ from pathlib import Path
 
 import _common as c
 
-ALL_PATHS = ("docxy", "nginx", "distproxy", "direct", "nginx-nobuf")
-DEFAULT_PATHS = "docxy,nginx,distproxy,direct"
+ALL_PATHS = ("docxy", "docxy-nocache", "nginx", "distproxy", "direct", "nginx-nobuf")
+DEFAULT_PATHS = "docxy,docxy-nocache,nginx,distproxy,direct"
 
 
 def parse_args(argv=None):
@@ -99,9 +101,9 @@ def run(args) -> dict:
         upstream_pid = upstream.process.pid
 
         targets: dict[str, tuple[str, callable]] = {}
-        if "docxy" in args.paths:
-            d = c.start_docxy(stack, work, upstream.url)
-            targets["docxy"] = (d.url, lambda d=d: [d.process.pid])
+        if "docxy-nocache" in args.paths:
+            d = c.start_docxy(stack, work, upstream.url, ["--no-cache"])
+            targets["docxy-nocache"] = (d.url, lambda d=d: [d.process.pid])
         if "nginx" in args.paths:
             n = c.start_nginx(stack, work, upstream.port, buffering=True, name="nginx")
             targets["nginx"] = (f"http://127.0.0.1:{n.port}", lambda n=n: c.nginx_worker_pids(n))
@@ -120,7 +122,13 @@ def run(args) -> dict:
         for i in range(args.repeat):
             for name in round_order(args.paths, i):
                 proxy = None
-                if name == "distproxy":
+                if name == "docxy":
+                    # A fresh docxy with an empty cache directory: always cold.
+                    proxy_stack = contextlib.ExitStack()
+                    stack.enter_context(proxy_stack)
+                    proxy = c.start_docxy(proxy_stack, work / f"docxy-r{i}", upstream.url)
+                    base, pids = proxy.url, (lambda p=proxy: [p.process.pid])
+                elif name == "distproxy":
                     # A fresh proxy with a fresh storage directory: always cold.
                     proxy_stack = contextlib.ExitStack()
                     stack.enter_context(proxy_stack)
@@ -139,6 +147,7 @@ def run(args) -> dict:
                     if proxy is not None:
                         proxy_stack.close()
                         shutil.rmtree(work / f"distproxy-r{i}-storage", ignore_errors=True)
+                        shutil.rmtree(work / f"docxy-r{i}", ignore_errors=True)
                 time.sleep(0.3)  # the registry logs a request when it has finished it
                 gets = upstream_blob_gets(upstream) - gets_before
                 ok = r.get("status") == 200 and r.get("bytes") == size
@@ -186,7 +195,7 @@ def summarize(results: dict) -> None:
     results["summary"] = summary
     ratios = {}
     dx = summary.get("docxy", {}).get("mb_per_s_median")
-    for other in ("nginx", "nginx-nobuf", "distproxy", "direct"):
+    for other in ("docxy-nocache", "nginx", "nginx-nobuf", "distproxy", "direct"):
         o = summary.get(other, {}).get("mb_per_s_median")
         if dx and o:
             ratios[f"docxy/{other}"] = round(dx / o, 3)

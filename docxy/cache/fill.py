@@ -23,6 +23,7 @@ from docxy.cache.store import BlobStore
 log = Logger()
 
 FILLING, COMPLETE, FAILED = "filling", "complete", "failed"
+NOTIFY_EVERY = 256 * 1024
 
 
 class Fill(Protocol):
@@ -51,6 +52,7 @@ class Fill(Protocol):
         self._idle_timeout = idle_timeout
         self._timer = None
         self._on_end = on_end
+        self._notified = 0
 
     # --- followers ----------------------------------------------------------------------
     def open_for_reading(self):
@@ -85,7 +87,11 @@ class Fill(Protocol):
             return
         self._hasher.update(data)
         self.written += len(data)
-        self._notify()
+        # Followers are woken per NOTIFY_EVERY bytes, not per network read: each wake-up
+        # costs every follower a read and a write, and small ones cost CPU on a fast link.
+        if self.written - self._notified >= NOTIFY_EVERY:
+            self._notified = self.written
+            self._notify()
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self._timer is not None and self._timer.active():

@@ -159,17 +159,17 @@ def get(site, path, headers=()):
 def test_concurrent_clients_share_one_upstream_download(tmp_path):
     """Three clients of one cold blob: one upstream GET; all get every byte, and the
     last byte only after the digest is verified."""
-    data = bytes(range(256)) * 40
+    data = bytes(range(256)) * 4096  # 1 MiB: followers are woken every 256 KiB
     site, upstream, responses, digest = _cache_site(tmp_path, data)
     first = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
     assert len(responses) == 1
     fill = responses[0].protocol
-    fill.dataReceived(data[:5000])
+    fill.dataReceived(data[:300_000])
     second = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
     third = get(site, f"/v2/x/blobs/{digest}", [("Authorization", "Bearer a")])
     gets = [c for c in upstream.calls if c[0] == b"GET" and "/blobs/" in c[1]]
     assert len(gets) == 1
-    fill.dataReceived(data[5000:])
+    fill.dataReceived(data[300_000:])
     for ex in (first, second, third):
         assert ex.transport.value().endswith(data[-2:-1])  # all but the held-back last byte
     responses[0].end()
