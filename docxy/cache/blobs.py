@@ -35,12 +35,14 @@ class CacheStats:
 
 
 class BlobCache:
-    def __init__(self, store: BlobStore, proxy: RegistryProxy, reactor, idle_timeout: float):
+    def __init__(self, store: BlobStore, proxy: RegistryProxy, reactor, idle_timeout: float,
+                 threaded_fills: bool = True):
         self.store = store
         self.stats = CacheStats()
         self._proxy = proxy
         self._reactor = reactor
         self._idle_timeout = idle_timeout
+        self._threaded = threaded_fills  # hash and write in a thread (off in memory tests)
         self._fills: dict[str, Fill] = {}
         # digest -> clients waiting while one of them asks the upstream for it
         self._starting: dict[str, list[defer.Deferred]] = {}
@@ -107,7 +109,7 @@ class BlobCache:
             return
         self.stats.misses += 1
         fill = Fill(self.store, digest, response.length, self._reactor, self._idle_timeout,
-                    on_end=self._fill_ended)
+                    on_end=self._fill_ended, threaded=self._threaded)
         self._proxy.access.note_allowed(route, request.requestHeaders)
         self._proxy.access.learn_publicity(route)
         self._fills[digest] = fill

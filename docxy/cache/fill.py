@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from typing import Callable
 
 from twisted.internet.protocol import Protocol
@@ -24,6 +26,80 @@ log = Logger()
 
 FILLING, COMPLETE, FAILED = "filling", "complete", "failed"
 NOTIFY_EVERY = 256 * 1024
+HIGH_WATER = 8 * 1024 * 1024  # bytes received but not yet on disk before the upstream waits
+LOW_WATER = 2 * 1024 * 1024
+REPORT_EVERY = 1024 * 1024  # the writer thread reports progress per this many bytes
+
+
+class _InlineSink:
+    """Writes and hashes in the caller's thread (tests, and tiny bodies)."""
+
+    def __init__(self, fd: int, hasher, stored: Callable[[int], None],
+                 failed: Callable[[OSError], None]) -> None:
+        self._fd, self._hasher, self._stored, self._failed = fd, hasher, stored, failed
+        self._broken = False
+
+    def put(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            _write_all(self._fd, data)
+        except OSError as e:
+            self._broken = True
+            self._failed(e)
+            return
+        self._hasher.update(data)
+        self._stored(len(data))
+
+    def close(self) -> None:
+        pass
+
+
+class _ThreadSink:
+    """Writes and hashes in a thread of its own, in order, so that the reactor thread only
+    moves bytes: SHA-256 and file writes release the GIL and use the second core."""
+
+    def __init__(self, fd: int, hasher, stored: Callable[[int], None],
+                 failed: Callable[[OSError], None], reactor) -> None:
+        self._fd, self._hasher, self._stored, self._failed = fd, hasher, stored, failed
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="docxy-fill", daemon=True).start()
+
+    def put(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        broken = False
+        done = 0  # stored but not yet reported: one wake-up of the reactor per batch
+        while True:
+            data = self._queue.get()
+            if data is None:
+                if done:
+                    self._reactor.callFromThread(self._stored, done)
+                return
+            if broken:
+                continue
+            try:
+                _write_all(self._fd, data)
+            except OSError as e:
+                broken = True
+                self._reactor.callFromThread(self._failed, e)
+                continue
+            self._hasher.update(data)
+            done += len(data)
+            if done >= REPORT_EVERY or self._queue.empty():
+                self._reactor.callFromThread(self._stored, done)
+                done = 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Fill(Protocol):
@@ -35,6 +111,7 @@ class Fill(Protocol):
         reactor,
         idle_timeout: float,
         on_end: Callable[["Fill"], None] = lambda fill: None,
+        threaded: bool = False,
     ) -> None:
         algorithm, _, self._expected_hex = digest.partition(":")
         self._hasher = hashlib.new(algorithm)
@@ -45,7 +122,8 @@ class Fill(Protocol):
         # Followers read through their own descriptor, which stays valid across the
         # rename into the store (or the unlink of a failed download).
         self.state = FILLING
-        self.written = 0
+        self.received = 0  # from the upstream
+        self.written = 0  # on disk and hashed: what followers may read
         self.reason = ""
         self._listeners: list[Callable[[], None]] = []
         self._reactor = reactor
@@ -53,6 +131,15 @@ class Fill(Protocol):
         self._timer = None
         self._on_end = on_end
         self._notified = 0
+        self._held = False
+        self._ended: Failure | None = None
+        self._sink_broken = False
+        fd = self._file.fileno()
+        self._sink = (
+            _ThreadSink(fd, self._hasher, self._stored, self._sink_failed, reactor)
+            if threaded
+            else _InlineSink(fd, self._hasher, self._stored, self._sink_failed)
+        )
 
     # --- followers ----------------------------------------------------------------------
     def open_for_reading(self):
@@ -75,27 +162,54 @@ class Fill(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._arm()
-        if self.length is not None and self.written + len(data) > self.length:
+        if self._sink_broken or self.reason:
+            return
+        if self.length is not None and self.received + len(data) > self.length:
             self.reason = "upstream sent more bytes than it announced"
             self.transport.stopProducing()
             return
-        try:
-            os.write(self._file.fileno(), data) if len(data) else None
-        except OSError as e:
-            self.reason = f"cannot write to the cache: {e.strerror}"
-            self.transport.stopProducing()
-            return
-        self._hasher.update(data)
-        self.written += len(data)
+        self.received += len(data)
+        self._sink.put(data)
+        # Bounded memory: if the disk (or the hashing) falls behind the network, the
+        # upstream socket waits.
+        if not self._held and self.received - self.written > HIGH_WATER:
+            self._held = True
+            self._disarm()  # a body we hold back is not a stalled upstream
+            self.transport.pauseProducing()
+
+    def _stored(self, n: int) -> None:
+        self.written += n
+        if self._held and self.received - self.written < LOW_WATER and self._ended is None:
+            self._held = False
+            self._arm()
+            self.transport.resumeProducing()
         # Followers are woken per NOTIFY_EVERY bytes, not per network read: each wake-up
         # costs every follower a read and a write, and small ones cost CPU on a fast link.
         if self.written - self._notified >= NOTIFY_EVERY:
             self._notified = self.written
             self._notify()
+        self._maybe_finish()
+
+    def _sink_failed(self, error: OSError) -> None:
+        self._sink_broken = True
+        self.reason = f"cannot write to the cache: {error.strerror}"
+        if self._ended is None and self.transport is not None:
+            self.transport.stopProducing()
+        self._maybe_finish()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._disarm()
+        self._ended = reason
+        self._sink.close()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        """Decide once the body has ended and every byte is on disk (or the disk failed)."""
+        if self._ended is None or self.state != FILLING:
+            return
+        if self.written < self.received and not self._sink_broken:
+            return
+        reason = self._ended
         self._file.close()
         ended = reason.check(ResponseDone) is not None or (
             reason.check(PotentialDataLoss) is not None and self.length is None
@@ -129,6 +243,11 @@ class Fill(Protocol):
             self._timer.reset(self._idle_timeout)
         else:
             self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _idle(self) -> None:
         self._timer = None

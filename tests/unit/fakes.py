@@ -98,7 +98,7 @@ def make_site(config: Config | None = None, upstream: FakeUpstream | None = None
     blobs = manifests = None
     if with_cache:
         store = BlobStore(config.cache_dir, config.cache_max_size)
-        blobs = BlobCache(store, proxy, clock, config.idle_timeout)
+        blobs = BlobCache(store, proxy, clock, config.idle_timeout, threaded_fills=False)
         manifests = ManifestCache(store, proxy, clock, cache_key(config.upstream),
                                   config.add_library, config.tag_ttl)
     context = Context(

@@ -2,6 +2,8 @@
 and followers that read a growing file at their own pace."""
 import hashlib
 
+import pytest_twisted
+
 import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -464,3 +466,28 @@ def test_small_blob_delivered_at_once_is_served_or_refused_cleanly(tmp_path):
     assert status == 200 and body == good
     status, _, body = get(site, f"/v2/x/blobs/{digest_of(b'other')}").response()
     assert status == 502 and b"BLOB_UNKNOWN" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_threaded_fill_writes_in_order_holds_the_upstream_and_verifies(tmp_path):
+    """The writer thread stores every byte in order; while more than the high-water mark
+    waits for the disk the upstream is paused; the blob is verified and committed."""
+    import os
+
+    from twisted.internet import reactor, task
+
+    data = os.urandom(12 * 1024 * 1024)
+    store = BlobStore(tmp_path)
+    fill = Fill(store, digest_of(data), len(data), reactor, 30, threaded=True)
+    response = FakeResponse(200, body=data, auto=False)
+    response.deliverBody(fill)
+    for i in range(0, len(data), 65536):
+        fill.dataReceived(data[i:i + 65536])
+    assert response.transport.paused, "12 MiB waiting for the disk did not pause the upstream"
+    response.end()
+    for _ in range(500):
+        if fill.state != "filling":
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert fill.state == "complete"
+    assert store.path(fill.digest).read_bytes() == data
