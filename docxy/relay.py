@@ -17,6 +17,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from docxy.idle import IdleTimer
+
 log = Logger()
 
 
@@ -39,10 +41,8 @@ class BodyRelay(Protocol):
 
     def __init__(self, request, reactor, idle_timeout: float, expected_length: int | None):
         self._request = request
-        self._reactor = reactor
-        self._idle_timeout = idle_timeout
         self._expected = expected_length
-        self._timer = None
+        self._timer = IdleTimer(reactor, idle_timeout, self._idle)
         self._paused = False
         self._registered = False
         self.received = 0
@@ -65,7 +65,7 @@ class BodyRelay(Protocol):
             self._request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._disarm()
+        self._timer.disarm()
         request = self._request
         if request_gone(request):
             self.outcome = self.outcome or "client-gone"
@@ -95,7 +95,7 @@ class BodyRelay(Protocol):
     def pauseProducing(self) -> None:
         # A paused body is the client's slowness, not the upstream's: no idle timer then.
         self._paused = True
-        self._disarm()
+        self._timer.disarm()
         if self.transport is not None:
             self.transport.pauseProducing()
 
@@ -106,29 +106,18 @@ class BodyRelay(Protocol):
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._disarm()
+        self._timer.disarm()
         if self.transport is not None:
             self.transport.stopProducing()
-
-    # --- idle timer ------------------------------------------------------------------
-    def _arm(self) -> None:
-        if self._paused or self._idle_timeout <= 0:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
-        else:
-            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
-
-    def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
 
     def _idle(self) -> None:
-        self._timer = None
-        log.warn("upstream body stalled for {secs}s; cutting it", secs=self._idle_timeout)
+        log.warn("upstream body stalled for {secs}s; cutting it", secs=self._timer.seconds)
         if self.transport is not None:
             self.transport.stopProducing()
+
+    def _arm(self) -> None:
+        if not self._paused:
+            self._timer.arm()
 
     def _client_gone(self, _failure: Failure) -> None:
         self.outcome = "client-gone"
@@ -137,7 +126,7 @@ class BodyRelay(Protocol):
             received=self.received,
             expected=self._expected if self._expected is not None else "?",
         )
-        self._disarm()
+        self._timer.disarm()
         if self.transport is not None:
             self.transport.stopProducing()
 

@@ -21,6 +21,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from docxy.cache.store import BlobStore
+from docxy.idle import IdleTimer
 
 log = Logger()
 
@@ -126,9 +127,7 @@ class Fill(Protocol):
         self.written = 0  # on disk and hashed: what followers may read
         self.reason = ""
         self._listeners: list[Callable[[], None]] = []
-        self._reactor = reactor
-        self._idle_timeout = idle_timeout
-        self._timer = None
+        self._timer = IdleTimer(reactor, idle_timeout, self._idle)
         self._on_end = on_end
         self._notified = 0
         self._held = False
@@ -158,10 +157,10 @@ class Fill(Protocol):
 
     # --- the upstream body --------------------------------------------------------------
     def connectionMade(self) -> None:
-        self._arm()
+        self._timer.arm()
 
     def dataReceived(self, data: bytes) -> None:
-        self._arm()
+        self._timer.arm()
         if self._sink_broken or self.reason:
             return
         if self.length is not None and self.received + len(data) > self.length:
@@ -174,14 +173,14 @@ class Fill(Protocol):
         # upstream socket waits.
         if not self._held and self.received - self.written > HIGH_WATER:
             self._held = True
-            self._disarm()  # a body we hold back is not a stalled upstream
+            self._timer.disarm()  # a body we hold back is not a stalled upstream
             self.transport.pauseProducing()
 
     def _stored(self, n: int) -> None:
         self.written += n
         if self._held and self.received - self.written < LOW_WATER and self._ended is None:
             self._held = False
-            self._arm()
+            self._timer.arm()
             self.transport.resumeProducing()
         # Followers are woken per NOTIFY_EVERY bytes, not per network read: each wake-up
         # costs every follower a read and a write, and small ones cost CPU on a fast link.
@@ -198,7 +197,7 @@ class Fill(Protocol):
         self._maybe_finish()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._disarm()
+        self._timer.disarm()
         self._ended = reason
         self._sink.close()
         self._maybe_finish()
@@ -235,22 +234,7 @@ class Fill(Protocol):
         self._notify()
         self._listeners.clear()
 
-    # --- idle timer ---------------------------------------------------------------------
-    def _arm(self) -> None:
-        if self._idle_timeout <= 0:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
-        else:
-            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
-
-    def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
     def _idle(self) -> None:
-        self._timer = None
-        self.reason = f"upstream body stalled for {self._idle_timeout}s"
+        self.reason = f"upstream body stalled for {self._timer.seconds}s"
         if self.transport is not None:
             self.transport.stopProducing()
