@@ -639,5 +639,6 @@ def all_met(results: dict) -> bool:
 def main(argv=None) -> int:
     return c.run_benchmark(parse_args(argv), run, render, all_met)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -358,5 +358,6 @@ def main(argv=None) -> int:
     return c.run_benchmark(parse_args(argv), run, render,
                            lambda results: passed(results["runs"]["docxy"]))
 
+
 if __name__ == "__main__":
     sys.exit(main())

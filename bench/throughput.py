@@ -237,5 +237,6 @@ def main(argv=None) -> int:
     return c.run_benchmark(parse_args(argv), run, render,
                            lambda results: not sum(s["failed"] for s in results["summary"].values()))
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.logger import Logger
@@ -48,8 +49,6 @@ class TagEntry:
 
 def cache_key(upstream: str) -> str:
     """The directory name under tags/ for an upstream: its host and port."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(upstream)
     return (parts.netloc or "upstream").replace(":", "_").replace("/", "_")
 
@@ -169,12 +168,16 @@ class ManifestCache:
         try:
             head = await self._proxy.pull(route, b"HEAD", request.requestHeaders, [])
         except UpstreamError:
-            if usable and await self._allowed_offline(route, request):
+            if usable and self._proxy.access.was_allowed(route, request.requestHeaders):
                 self._serve_stale(request, route, entry, "upstream unreachable")
                 return
             raise
         digest = (head.headers.getRawHeaders(b"docker-content-digest", [b""])[0]).decode("latin-1")
-        if head.code in STALE_STATUSES and usable and await self._allowed_offline(route, request):
+        if (
+            head.code in STALE_STATUSES
+            and usable
+            and self._proxy.access.was_allowed(route, request.requestHeaders)
+        ):
             discard_body(head)
             self._serve_stale(request, route, entry, f"upstream answered {head.code}")
             return
@@ -192,8 +195,7 @@ class ManifestCache:
             await self._fetch(request, route, realm, expected=digest or None)
             return
         discard_body(head)
-        self._proxy.access.note_allowed(route, request.requestHeaders)
-        self._proxy.access.note_link(attrs.evolve(route, reference=digest))
+        self._note_served(route, request, digest)
         if self._serve_stored(request, digest, media_type):
             self.hits += 1
             self._remember_tag(name, route.reference, digest, media_type)
@@ -225,20 +227,20 @@ class ManifestCache:
             response.headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[0]
         ).decode("latin-1")
         self.misses += 1
-        by_digest = attrs.evolve(route, reference=digest)
-        self._proxy.access.note_allowed(route, request.requestHeaders)
-        self._proxy.access.note_link(by_digest)
-        self._proxy.access.learn_publicity(by_digest)
+        self._proxy.access.learn_publicity(self._note_served(route, request, digest))
         self._put(digest, body, media_type)
         if not route.is_digest:
             name = upstream_name(route.name, self._library)
             self._remember_tag(name, route.reference, digest, media_type)
         self._send(request, digest, media_type, body, response.headers)
 
-    async def _allowed_offline(self, route: Route, request) -> bool:
-        """Whether cached content may be served to this client while the upstream cannot
-        be asked: only if the upstream said yes to it (or to everyone) before."""
-        return self._proxy.access.was_allowed(route, request.requestHeaders)
+    def _note_served(self, route: Route, request, digest: str) -> Route:
+        """The upstream just served this client the manifest `digest` for `route`: remember
+        the yes and that the repository holds that digest; the digest's route is returned."""
+        by_digest = attrs.evolve(route, reference=digest)
+        self._proxy.access.note_allowed(route, request.requestHeaders)
+        self._proxy.access.note_link(by_digest)
+        return by_digest
 
     def _serve_stale(self, request, route: Route, entry: TagEntry, why: str) -> None:
         self.stale += 1

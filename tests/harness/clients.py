@@ -85,7 +85,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from .procs import ManagedProcess, descendants_of, poll_until
@@ -377,6 +377,17 @@ def _write_ca_dir(ca_path: Path, directory: Path) -> Path:
     return directory
 
 
+def _wait_ready(process: ManagedProcess, timeout: float, check: Callable[[], bool]) -> None:
+    """Poll `check` until the daemon answers; fail at once, with its log, if it exits."""
+    def ready() -> bool:
+        if not process.running():
+            raise RuntimeError(f"{process.name} exited {process.returncode}:\n"
+                               f"{process.log_tail()}")
+        return check()
+
+    poll_until(ready, timeout=timeout, interval=0.1)
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -441,16 +452,8 @@ class Containerd(_Driver):
         self.process = ManagedProcess("containerd", argv, self.workdir / "containerd.log")
         self.process.start()
         self._started = True
-        process = self.process
-
-        def ready() -> bool:
-            if not process.running():
-                raise RuntimeError(f"containerd exited {process.returncode}:\n"
-                                   f"{process.log_tail()}")
-            return os.path.exists(self.address) and self.ctr(
-                "version", timeout=10, check=False).returncode == 0
-
-        poll_until(ready, timeout=timeout, interval=0.1)
+        _wait_ready(self.process, timeout, lambda: os.path.exists(self.address) and self.ctr(
+            "version", timeout=10, check=False).returncode == 0)
         return self
 
     def stop(self) -> None:
@@ -592,15 +595,8 @@ class DockerDaemon(_Driver):
         argv = in_private_mounts(argv, binds={"/etc/docker": self.etc_dir}, tmpfs=["/run"])
         self.process = ManagedProcess("dockerd", argv, self.workdir / "dockerd.log")
         self.process.start()
-        process = self.process
-
-        def ready() -> bool:
-            if not process.running():
-                raise RuntimeError(f"dockerd exited {process.returncode}:\n"
-                                   f"{process.log_tail()}")
-            return os.path.exists(self.socket) and _unix_http_ok(self.socket, "/_ping")
-
-        poll_until(ready, timeout=timeout, interval=0.1)
+        _wait_ready(self.process, timeout,
+                    lambda: os.path.exists(self.socket) and _unix_http_ok(self.socket, "/_ping"))
         return self
 
     def stop(self) -> None:

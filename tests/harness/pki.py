@@ -57,6 +57,28 @@ def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: object,
+             days: int) -> x509.CertificateBuilder:
+    """Subject, issuer, key, serial and a validity from an hour ago to `days` ahead."""
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+
+
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """Digital signatures, and certificate and CRL signing for a CA."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+        encipher_only=False, decipher_only=False)
+
+
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -141,19 +163,10 @@ class CertificateAuthority:
                     key_type: KeyType = "ec", days: int = 30) -> "CertificateAuthority":
         key = _new_key(key_type)
         subject = _name(f"docxy test {name}")
-        now = _now()
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=days))
+            _builder(subject, subject, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(key, hashes.SHA256())
@@ -168,14 +181,8 @@ class CertificateAuthority:
         _write(self.directory / f"{self.name}.key", key_pem(self.key), private=True)
 
     def _builder(self, subject: x509.Name, public_key: object, days: int) -> x509.CertificateBuilder:
-        now = _now()
         return (
-            x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(self.certificate.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=days))
+            _builder(subject, self.certificate.subject, public_key, days)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 self.key.public_key()), critical=False)  # type: ignore[arg-type]
         )
@@ -186,10 +193,7 @@ class CertificateAuthority:
         cert = (
             self._builder(_name(f"docxy test {name}"), key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(self.key, hashes.SHA256())
@@ -246,19 +250,10 @@ def create_signing_cert(directory: Path, name: str = "token-signer",
     registry's `rootcertbundle`; the tokens carry it in their `x5c` header."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = _name(f"docxy test {name}")
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        _builder(subject, subject, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False,
-            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
         .sign(key, hashes.SHA256())
     )
     directory = Path(directory)
