@@ -1,4 +1,5 @@
-"""Who may be served cached content: the upstream decides, and docxy remembers its answers.
+"""Who may be served cached content: the upstream decides, and docxy remembers its answers
+(one gate per upstream: a repository, a credential and a digest link belong to one).
 
 Whether anyone may pull a repository is asked once an hour with docxy's own anonymous
 token; otherwise the upstream is asked once per credential and repository with a HEAD, and
@@ -15,7 +16,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from docxy.answers import discard_body
-from docxy.config import Config
 from docxy.headers import MANIFEST_ACCEPT
 from docxy.names import Route, upstream_name
 from docxy.tokens import bearer_expiry
@@ -39,9 +39,8 @@ def _bounded_put(table: dict, key, value, limit: int = _MAX_ENTRIES) -> None:
 
 
 class AccessGate:
-    def __init__(self, config: Config, proxy, reactor) -> None:
-        self._config = config
-        self._proxy = proxy  # docxy.proxy.RegistryProxy: how the upstream is asked
+    def __init__(self, proxy, reactor) -> None:
+        self._proxy = proxy  # docxy.proxy.RegistryProxy: its upstream, and how to ask it
         self._reactor = reactor
         # (credential, repository) -> until when the upstream's yes is remembered
         self._access: dict[tuple[bytes, str], float] = {}
@@ -52,17 +51,17 @@ class AccessGate:
         self._links: dict[tuple[str, str], bool] = {}
 
     def _credential(self, client_headers: Headers) -> bytes:
-        if self._config.mirror_mode:
+        if self._proxy.mirror_mode:
             return b"mirror"
         return client_headers.getRawHeaders(b"authorization", [b""])[0]
 
     def note_allowed(self, route: Route, client_headers: Headers) -> None:
         """The upstream just served this client this repository (and, for a digest, that
         object in it): remember the yes."""
-        name = upstream_name(route.name, self._config.add_library)
+        name = upstream_name(route.name, self._proxy.library)
         credential = self._credential(client_headers)
         now = self._reactor.seconds()
-        expiry = None if self._config.mirror_mode else bearer_expiry(credential)
+        expiry = None if self._proxy.mirror_mode else bearer_expiry(credential)
         _bounded_put(self._access, (credential, name),
                      min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL))
         self.note_link(route)
@@ -72,7 +71,7 @@ class AccessGate:
         through repositories the upstream has it in, so a public repository's path cannot
         be used to read a private repository's blob by its digest."""
         if route.is_digest:
-            name = upstream_name(route.name, self._config.add_library)
+            name = upstream_name(route.name, self._proxy.library)
             _bounded_put(self._links, (name, route.reference), True)
 
     def _linked(self, route: Route, name: str) -> bool:
@@ -81,7 +80,7 @@ class AccessGate:
     def was_allowed(self, route: Route, client_headers: Headers) -> bool:
         """Whether the upstream ever said yes to this client (or to anyone) for this
         repository: what may be served from the cache while the upstream cannot be asked."""
-        name = upstream_name(route.name, self._config.add_library)
+        name = upstream_name(route.name, self._proxy.library)
         if not self._linked(route, name):
             return False
         return name in self._public or (self._credential(client_headers), name) in self._access
@@ -103,13 +102,13 @@ class AccessGate:
             raise
 
     async def _check_access(self, route: Route, client_headers: Headers) -> IResponse | None:
-        name = upstream_name(route.name, self._config.add_library)
+        name = upstream_name(route.name, self._proxy.library)
         now = self._reactor.seconds()
         credential = self._credential(client_headers)
         if self._linked(route, name):
             if self._public.get(name, 0) > now:
                 return None
-            if not self._config.mirror_mode and self._probed.get(name, 0) <= now:
+            if not self._proxy.mirror_mode and self._probed.get(name, 0) <= now:
                 self._probed[name] = now + PUBLIC_TTL
                 if await self._anyone_may_pull(route):
                     return None
@@ -117,7 +116,7 @@ class AccessGate:
             if until is not None and until > now:
                 return None
         headers = Headers({b"accept": [MANIFEST_ACCEPT]})
-        if self._config.mirror_mode:
+        if self._proxy.mirror_mode:
             pass  # pull() adds the mirror's own token
         elif credential:
             headers.setRawHeaders(b"authorization", [credential])
@@ -142,9 +141,9 @@ class AccessGate:
     def learn_publicity(self, route: Route) -> None:
         """Find out in the background, unless done within the hour, whether anyone may
         pull this repository; done on a cache miss so that later hits cost nothing."""
-        name = upstream_name(route.name, self._config.add_library)
+        name = upstream_name(route.name, self._proxy.library)
         now = self._reactor.seconds()
-        if self._config.mirror_mode or self._probed.get(name, 0) > now:
+        if self._proxy.mirror_mode or self._probed.get(name, 0) > now:
             return
         self._probed[name] = now + PUBLIC_TTL
         d = defer.Deferred.fromCoroutine(self._anyone_may_pull(route))
@@ -152,7 +151,7 @@ class AccessGate:
                                         name=name, err=f.getErrorMessage()))
 
     async def _anyone_may_pull(self, route: Route) -> bool:
-        name = upstream_name(route.name, self._config.add_library)
+        name = upstream_name(route.name, self._proxy.library)
         headers = Headers({b"accept": [MANIFEST_ACCEPT]})
         await self._add_anonymous_token(headers, name)
         response = await self._proxy.pull(route, b"HEAD", headers, [], follow_redirects=False)

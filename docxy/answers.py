@@ -15,11 +15,12 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET
 
-from docxy.challenge import rewrite_challenge
+from docxy.challenge import Realm
 from docxy.headers import relayed_response_headers
 from docxy.names import InvalidRequest
 from docxy.publicurl import Arrival, external_base
 from docxy.relay import request_gone, stream
+from docxy.selection import Selection
 from docxy.upstream import UpstreamError
 
 log = Logger()
@@ -63,8 +64,12 @@ def arrival(request) -> Arrival:
     )
 
 
-def token_realm(request, public_url: str | None, names: tuple[str, ...]) -> str:
-    return external_base(public_url, names, arrival(request)) + "/auth/token"
+def token_realm(
+    request, public_url: str | None, names: tuple[str, ...], selection: Selection
+) -> Realm:
+    """Where challenges relayed to this request send the client for a token."""
+    base = external_base(public_url, names, arrival(request))
+    return Realm(base + selection.realm_path, selection.scope_prefix)
 
 
 def relay(
@@ -72,11 +77,11 @@ def relay(
     response: IResponse,
     reactor,
     idle_timeout: float,
-    realm: str | None,
+    realm: Realm | None,
 ) -> None:
     """Answer `request` with `response`: status, headers and the body, streamed.
 
-    `realm` is the token realm to put into a relayed challenge; None strips the challenge
+    `realm` rewrites a relayed challenge to point at docxy; None strips the challenge
     (mirror mode: clients are never asked to authenticate).
     """
     if request_gone(request):
@@ -87,9 +92,7 @@ def relay(
         if name == b"www-authenticate":
             if realm is None:
                 continue
-            values = [
-                rewrite_challenge(v.decode("latin-1"), realm).encode("latin-1") for v in values
-            ]
+            values = [realm.rewrite(v.decode("latin-1")).encode("latin-1") for v in values]
         request.responseHeaders.setRawHeaders(name, values)
     length = body_length(response)
     if length is not None and response.code not in (204, 304):
@@ -100,7 +103,7 @@ def relay(
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}
 
 
-def refuse(request, head: IResponse, realm: str | None) -> None:
+def refuse(request, head: IResponse, realm: Realm | None) -> None:
     """Answer a client with the upstream's refusal learned from a HEAD (an access check):
     its status and challenge (pointed at `realm`), and a JSON error body of our own, since
     a HEAD answer has no body to relay."""
@@ -109,7 +112,7 @@ def refuse(request, head: IResponse, realm: str | None) -> None:
         return
     for value in head.headers.getRawHeaders(b"www-authenticate", []) if realm else []:
         request.responseHeaders.addRawHeader(
-            b"www-authenticate", rewrite_challenge(value.decode("latin-1"), realm).encode("latin-1")
+            b"www-authenticate", realm.rewrite(value.decode("latin-1")).encode("latin-1")
         )
     retry = head.headers.getRawHeaders(b"retry-after")
     if retry:

@@ -10,6 +10,8 @@ import re
 
 import attrs
 
+from docxy.names import prefix_scope
+
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _PARAM_RE = re.compile(
     rf'\s*(?P<key>{_TOKEN})\s*=\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<bare>{_TOKEN}))\s*(?:,|$)'
@@ -64,8 +66,10 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(scheme, tuple(params))
 
 
-def rewrite_challenge(header: str, realm: str) -> str:
-    """Point a Bearer challenge's realm at `realm`; other schemes pass unchanged.
+def rewrite_challenge(header: str, realm: str, scope_prefix: str | None = None) -> str:
+    """Point a Bearer challenge's realm at `realm`; other schemes pass unchanged.  With
+    `scope_prefix` (a client naming repositories with a path prefix), the scope's names
+    are given that prefix, so the client asks docxy's token endpoint in its own names.
 
     A Basic challenge (a registry without token auth) is kept as it is: the client then
     sends Basic credentials, which the mirror passes through.
@@ -73,4 +77,20 @@ def rewrite_challenge(header: str, realm: str) -> str:
     challenge = parse_challenge(header)
     if challenge is None or challenge.scheme.lower() != "bearer":
         return header
-    return challenge.replace("realm", realm).render()
+    challenge = challenge.replace("realm", realm)
+    scope = challenge.get("scope")
+    if scope_prefix and scope:
+        challenge = challenge.replace("scope", prefix_scope(scope, scope_prefix))
+    return challenge.render()
+
+
+@attrs.frozen
+class Realm:
+    """How docxy rewrites the challenges it relays to one request: the token endpoint to
+    point them at, and the prefix the client puts before repository names."""
+
+    url: str
+    scope_prefix: str | None = None
+
+    def rewrite(self, header: str) -> str:
+        return rewrite_challenge(header, self.url, self.scope_prefix)

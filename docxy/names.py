@@ -115,16 +115,33 @@ def upstream_path(route: Route, library: bool) -> str:
     return f"/v2/{upstream_name(route.name, library)}/{route.kind}/{route.reference}"
 
 
-def rewrite_scope(scope: str, library: bool) -> str:
-    """Rewrite one `scope` value, which may hold several space-separated scopes.
+def rewrite_scope(scope: str, library: bool, strip: str | None = None) -> str:
+    """Rewrite one `scope` value, which may hold several space-separated scopes, into the
+    upstream's names: `strip` (a path prefix like `ghcr.io/`) is taken off, and
+    `repository:redis:pull` becomes `repository:library/redis:pull`.  Anything that is not
+    a repository scope with a valid name is passed through unchanged."""
+    return " ".join(_map_scope_name(s, lambda n: scope_name(n, library, strip))
+                    for s in scope.split(" "))
 
-    `repository:redis:pull` becomes `repository:library/redis:pull`; anything that is
-    not a repository scope with a valid bare name is passed through unchanged.
-    """
-    return " ".join(_rewrite_one_scope(s, library) for s in scope.split(" "))
+
+def scope_name(name: str, library: bool, strip: str | None = None) -> str:
+    """A repository name from a client's token scope, as the upstream names it."""
+    return upstream_name(_strip(name, strip), library)
 
 
-def _rewrite_one_scope(scope: str, library: bool) -> str:
+def prefix_scope(scope: str, prefix: str) -> str:
+    """The client's view of an upstream scope when the client names the repository with a
+    path prefix: `repository:org/app:pull` becomes `repository:ghcr.io/org/app:pull`."""
+    return " ".join(_map_scope_name(s, lambda n: prefix + n) for s in scope.split(" "))
+
+
+def _strip(name: str, prefix: str | None) -> str:
+    if prefix and name.startswith(prefix) and len(name) > len(prefix):
+        return name[len(prefix):]
+    return name
+
+
+def _map_scope_name(scope: str, change) -> str:
     parts = scope.split(":")
     # repository:NAME:ACTIONS, or repository(plugin):NAME:ACTIONS; a name has no ':'.
     if len(parts) != 3 or not parts[0].startswith("repository"):
@@ -132,7 +149,7 @@ def _rewrite_one_scope(scope: str, library: bool) -> str:
     resource_type, name, actions = parts
     if not is_valid_name(name):
         return scope
-    return f"{resource_type}:{upstream_name(name, library)}:{actions}"
+    return f"{resource_type}:{change(name)}:{actions}"
 
 
 def scope_repositories(scope: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""What the resources ask of the upstream: a pull request, the `/v2/` ping and a token
-request, each turned into the right upstream request (name, query, credentials).
+"""What the resources ask of one upstream: a pull request, the `/v2/` ping and a token
+request, each turned into the right upstream request (name, query, credentials).  There
+is one `RegistryProxy` per configured upstream.
 
 Answers are upstream responses whose bodies are still unread; `docxy.answers` relays them.
 """
@@ -11,11 +12,19 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from docxy.access import AccessGate
-from docxy.config import Config
 from docxy.headers import upstream_request_headers
-from docxy.names import Route, rewrite_scope, upstream_name, upstream_path
+from docxy.names import (
+    InvalidRequest,
+    Route,
+    rewrite_scope,
+    scope_name,
+    scope_repositories,
+    upstream_name,
+    upstream_path,
+)
 from docxy.tokens import AuthEndpoint, UpstreamAuth, read_small_body
 from docxy.upstream import UpstreamClient, UpstreamError
+from docxy.upstreams import Upstream
 
 # Query parameters a pull request may carry upstream (pagination of tag lists); `ns` and
 # anything else a client adds stays here.
@@ -31,31 +40,54 @@ def tags_query(pairs: list[tuple[str, str]]) -> str:
 
 
 def token_params(
-    pairs: list[tuple[str, str]], endpoint: AuthEndpoint, library: bool, allowed: tuple[str, ...]
+    pairs: list[tuple[str, str]],
+    endpoint: AuthEndpoint,
+    library: bool,
+    allowed: tuple[str, ...],
+    strip: str | None = None,
 ) -> list[tuple[str, str]]:
     """The parameters of a token request as the upstream must see them: its own service,
-    every scope kept in order with `library/` added to bare names."""
+    every scope kept in order, in the upstream's names (`strip` taken off, `library/`
+    added to bare names)."""
     out: list[tuple[str, str]] = []
     if endpoint.service:
         out.append(("service", endpoint.service))
     for key, value in pairs:
         if key == "scope":
-            out.append(("scope", rewrite_scope(value, library)))
+            out.append(("scope", rewrite_scope(value, library, strip)))
         elif key in allowed:
             out.append((key, value))
     return out
 
 
 class RegistryProxy:
-    def __init__(self, config: Config, client: UpstreamClient, auth: UpstreamAuth, reactor) -> None:
-        self._config = config
+    def __init__(
+        self, upstream: Upstream, client: UpstreamClient, auth: UpstreamAuth, reactor
+    ) -> None:
+        self.upstream = upstream
         self._client = client
         self.auth = auth
-        self.access = AccessGate(config, self, reactor)
+        self.access = AccessGate(self, reactor)
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
 
     @property
     def mirror_mode(self) -> bool:
-        return self._config.mirror_mode
+        return self.upstream.mirror_mode
+
+    @property
+    def library(self) -> bool:
+        return self.upstream.library
+
+    def check_allowed(self, names: list[str]) -> None:
+        """Refuse (InvalidRequest DENIED) a repository this upstream's patterns exclude."""
+        for name in names:
+            if not self.upstream.allows(name):
+                raise InvalidRequest(
+                    "DENIED", f"{self.name}/{name} is not mirrored here", 403
+                )
 
     async def pull(
         self,
@@ -65,8 +97,8 @@ class RegistryProxy:
         query: list[tuple[str, str]],
         follow_redirects: bool = True,
     ) -> IResponse:
-        config = self._config
-        url = config.upstream_base + upstream_path(route, config.add_library)
+        config = self.upstream
+        url = config.base + upstream_path(route, config.library)
         if route.kind == "tags":
             url += tags_query(query)
         if not config.mirror_mode:
@@ -77,7 +109,7 @@ class RegistryProxy:
                 for challenge in response.headers.getRawHeaders(b"www-authenticate", []):
                     self.auth.learn(challenge)
             return response
-        scope = f"repository:{upstream_name(route.name, config.add_library)}:pull"
+        scope = f"repository:{upstream_name(route.name, config.library)}:pull"
         for attempt in (1, 2):
             token = await self.auth.token(scope)
             authorization = f"Bearer {token}".encode() if token else None
@@ -94,7 +126,7 @@ class RegistryProxy:
         authorization = client_headers.getRawHeaders(b"authorization", [None])[0]
         headers = upstream_request_headers(client_headers, authorization)
         response = await self._client.request(
-            b"GET", f"{self._config.upstream_base}/v2/", headers
+            b"GET", f"{self.upstream.base}/v2/", headers
         )
         for challenge in response.headers.getRawHeaders(b"www-authenticate", []):
             self.auth.learn(challenge)
@@ -106,11 +138,20 @@ class RegistryProxy:
         query: list[tuple[str, str]],
         form: list[tuple[str, str]] | None,
         client_headers: Headers,
+        strip: str | None = None,
     ) -> IResponse:
+        """Forward a token request in the upstream's names (`strip`, a path prefix the
+        client puts before them, taken off)."""
+        library = self.upstream.library
+        scopes = [v for k, v in (form if method == b"POST" else query) or [] if k == "scope"]
+        self.check_allowed([
+            scope_name(name, library, strip)
+            for scope in scopes
+            for name in scope_repositories(scope)
+        ])
         endpoint = await self.auth.endpoint()
         if endpoint is None:
             raise UpstreamError(404, "UNSUPPORTED", "the upstream registry does not use tokens")
-        library = self._config.add_library
         headers = Headers()
         authorization = client_headers.getRawHeaders(b"authorization", [None])[0]
         if authorization:
@@ -119,10 +160,10 @@ class RegistryProxy:
         if agent:
             headers.setRawHeaders(b"user-agent", agent)
         if method == b"POST":
-            body = urlencode(token_params(form or [], endpoint, library, _TOKEN_FORM)).encode()
+            body = urlencode(token_params(form or [], endpoint, library, _TOKEN_FORM, strip)).encode()
             headers.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
             return await self._client.request(b"POST", endpoint.realm, headers, body)
-        params = token_params(query, endpoint, library, _TOKEN_PARAMS)
+        params = token_params(query, endpoint, library, _TOKEN_PARAMS, strip)
         separator = "&" if "?" in endpoint.realm else "?"
         url = f"{endpoint.realm}{separator}{urlencode(params)}" if params else endpoint.realm
         return await self._client.request(b"GET", url, headers)

@@ -27,18 +27,18 @@ class Router(Resource):
     def __init__(
         self,
         routes: dict[bytes, Resource],
-        v2: Resource | None,
+        prefixes: dict[bytes, Resource],
         fallback: Resource | None = None,
     ) -> None:
         super().__init__()
         self._routes = routes
-        self._v2 = v2
+        self._prefixes = prefixes
         self._fallback = fallback
 
     def _target(self, path: bytes) -> Resource | None:
         found = self._routes.get(path)
-        if found is None and self._v2 is not None and path.startswith(b"/v2/"):
-            found = self._v2
+        if found is None:
+            found = next((r for p, r in self._prefixes.items() if path.startswith(p)), None)
         return found or self._fallback
 
     def render(self, request):
@@ -93,14 +93,15 @@ class DocxySite(Site):
 
 
 def api_resource(context: Context) -> Resource:
+    token = TokenResource(context)
     return Router(
         {
             b"/v2/": ChallengeResource(context),
             b"/v2": ChallengeResource(context),
-            b"/auth/token": TokenResource(context),
+            b"/auth/token": token,
             b"/health": HealthResource(context),
         },
-        RegistryResource(context),
+        {b"/v2/": RegistryResource(context), b"/auth/token/": token},
     )
 
 
@@ -108,6 +109,6 @@ def redirect_resource(config: Config, names: tuple[str, ...], https_port: int) -
     """The plain-HTTP side when TLS is on: `/health` answers, everything else redirects."""
     return Router(
         {b"/health": HealthResource()},
-        None,
+        {},
         fallback=HTTPSRedirectResource(config.public_url, names, https_port),
     )

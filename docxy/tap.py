@@ -11,20 +11,33 @@ import sys
 from urllib.parse import urlsplit
 
 from twisted.application import service, strports
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from docxy.cache.blobs import BlobCache
-from docxy.cache.manifests import ManifestCache, cache_key
+from docxy.cache.manifests import ManifestCache
 from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
+from docxy.selection import UpstreamTable
 from docxy.site import DocxySite, api_resource, redirect_resource
 from docxy.tls import ServerTLS, TLSConfigError, upstream_trust
 from docxy.tokens import CredentialsError, UpstreamAuth, read_credentials
 from docxy.upstream import UpstreamClient
+from docxy.upstreams import (
+    DEFAULT_UPSTREAM,
+    ConfigFileError,
+    FileSettings,
+    Upstream,
+    build_upstream,
+    check_distinct,
+    check_url,
+    preset_for_url,
+    read_config_file,
+)
 
 log = Logger()
 
@@ -51,12 +64,10 @@ def _env_bool(name: str, value: str) -> bool:
 
 
 def _check_url(option: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise usage.UsageError(f"{option} must be an http:// or https:// URL, not {value!r}")
-    if parts.query or parts.fragment:
-        raise usage.UsageError(f"{option} must not have a query or fragment: {value!r}")
-    return value.rstrip("/")
+    try:
+        return check_url(option, value)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def default_cache_dir(env: dict[str, str]) -> str:
@@ -102,6 +113,13 @@ class Options(usage.Options):
     longdesc = """docxy is a pull-through mirror for container registries.  Point Docker's
 registry-mirrors, containerd's hosts.toml or podman's registries.conf at it.
 
+It mirrors Docker Hub (docker.io) unless told otherwise.  More registries come from
+--registry (presets: docker.io ghcr.io quay.io gcr.io registry.k8s.io mcr.microsoft.com,
+or NAME=URL for any other) or from a TOML file given with --config; a request picks one by
+containerd's ns= parameter, a path prefix (/v2/ghcr.io/...), or the Host it was sent to.
+The --upstream* options, --auth-* and --library apply to the default registry and win
+over the file.
+
 Every option can also be given as an environment variable DOCXY_<OPTION> (upper case,
 dashes as underscores; repeatable options take a space-separated list).  CERT_PATH and
 KEY_PATH are read as in the original docxy.  The command line wins over the environment.
@@ -113,9 +131,10 @@ docxy listens on tcp:8080."""
     optFlags = [
         ["mirror-mode", None, "Fetch upstream tokens as docxy itself (anonymously, or with "
          "--upstream-credentials); clients are never challenged. [DOCXY_MIRROR_MODE]"],
-        ["library", None, "Add library/ to one-component names (default: on only for "
-         "Docker Hub). [DOCXY_LIBRARY=1]"],
-        ["no-library", None, "Never add library/ to names. [DOCXY_LIBRARY=0]"],
+        ["library", None, "Add library/ to one-component names of the default registry "
+         "(default: on only for docker.io). [DOCXY_LIBRARY=1]"],
+        ["no-library", None, "Never add library/ to names of the default registry. "
+         "[DOCXY_LIBRARY=0]"],
         ["no-cache", None, "Do not cache: every pull goes upstream. [DOCXY_NO_CACHE=1]"],
     ]
 
@@ -126,15 +145,20 @@ docxy listens on tcp:8080."""
          "[DOCXY_KEY, KEY_PATH]"],
         ["public-url", None, None, "The URL clients use to reach docxy; token realms and "
          "redirects are built from it. [DOCXY_PUBLIC_URL]"],
-        ["upstream", None, "https://registry-1.docker.io", "Base URL of the upstream "
-         "registry. [DOCXY_UPSTREAM]"],
-        ["upstream-ca", None, None, "Extra PEM CA certificate(s) to trust for upstream TLS, "
-         "in addition to the system's. [DOCXY_UPSTREAM_CA]"],
+        ["config", None, None, "TOML file declaring the upstream registries (see the "
+         "README). [DOCXY_CONFIG]"],
+        ["default-registry", None, None, "The registry a request gets when it names none "
+         "(default: docker.io). [DOCXY_DEFAULT_REGISTRY]"],
+        ["upstream", None, None, "Base URL of the default registry (default: its preset's, "
+         "https://registry-1.docker.io for docker.io); a preset's URL selects that preset. "
+         "[DOCXY_UPSTREAM]"],
+        ["upstream-ca", None, None, "Extra PEM CA certificate(s) to trust for the default "
+         "registry's TLS, in addition to the system's. [DOCXY_UPSTREAM_CA]"],
         ["upstream-credentials", None, None, "File with username:password (or JSON) for the "
-         "upstream account used in --mirror-mode. [DOCXY_UPSTREAM_CREDENTIALS]"],
-        ["auth-realm", None, None, "Override the upstream token realm (default: learned from "
-         "the upstream's challenge). [DOCXY_AUTH_REALM]"],
-        ["auth-service", None, None, "Override the upstream token service name. "
+         "default registry's account used in --mirror-mode. [DOCXY_UPSTREAM_CREDENTIALS]"],
+        ["auth-realm", None, None, "Override the default registry's token realm (default: "
+         "learned from its challenge). [DOCXY_AUTH_REALM]"],
+        ["auth-service", None, None, "Override the default registry's token service name. "
          "[DOCXY_AUTH_SERVICE]"],
         ["connect-timeout", None, 10.0, "Seconds to connect to an upstream. "
          "[DOCXY_CONNECT_TIMEOUT]", float],
@@ -154,6 +178,8 @@ docxy listens on tcp:8080."""
         "cert": ("DOCXY_CERT", "CERT_PATH"),
         "key": ("DOCXY_KEY", "KEY_PATH"),
         "public-url": ("DOCXY_PUBLIC_URL",),
+        "config": ("DOCXY_CONFIG",),
+        "default-registry": ("DOCXY_DEFAULT_REGISTRY",),
         "upstream": ("DOCXY_UPSTREAM",),
         "upstream-ca": ("DOCXY_UPSTREAM_CA",),
         "upstream-credentials": ("DOCXY_UPSTREAM_CREDENTIALS",),
@@ -173,6 +199,7 @@ docxy listens on tcp:8080."""
         self["listen"] = []
         self["tls"] = []
         self["server-name"] = []
+        self["registry"] = []
         self._given: set[str] = set()
 
     def opt_listen(self, description: str) -> None:
@@ -189,6 +216,12 @@ docxy listens on tcp:8080."""
         """A host name of this server (repeatable); a request's Host is trusted for token
         realms only if it is one of these or of the certificate's. [DOCXY_SERVER_NAMES]"""
         self["server-name"].append(name.lower())
+
+    def opt_registry(self, value: str) -> None:
+        """Mirror this registry too (repeatable): a preset name (ghcr.io, quay.io, gcr.io,
+        registry.k8s.io, mcr.microsoft.com, docker.io) or NAME=URL for any other.
+        [DOCXY_REGISTRIES]"""
+        self["registry"].append(value)
 
     def parseArgs(self, *args: str) -> None:
         if args:
@@ -223,6 +256,8 @@ docxy listens on tcp:8080."""
                 self[option] = _env_list(env.get(name))
         if not self["server-name"]:
             self["server-name"] = [n.lower() for n in _env_list(env.get("DOCXY_SERVER_NAMES"))]
+        if not self["registry"]:
+            self["registry"] = _env_list(env.get("DOCXY_REGISTRIES"))
         if "mirror-mode" not in self._given and env.get("DOCXY_MIRROR_MODE"):
             self["mirror-mode"] = _env_bool("DOCXY_MIRROR_MODE", env["DOCXY_MIRROR_MODE"])
         if self["library"] and self["no-library"]:
@@ -239,7 +274,8 @@ docxy listens on tcp:8080."""
             raise usage.UsageError("--tls needs --cert and --key (or CERT_PATH and KEY_PATH)")
         if not self["tls"] and not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        self["upstream"] = _check_url("--upstream", self["upstream"])
+        if self["upstream"]:
+            self["upstream"] = _check_url("--upstream", self["upstream"])
         if self["public-url"]:
             self["public-url"] = _check_url("--public-url", self["public-url"])
         if self["auth-realm"]:
@@ -261,7 +297,49 @@ docxy listens on tcp:8080."""
             if not self[option] > 0:
                 raise usage.UsageError(f"--{option} must be a positive number of seconds")
 
+    def upstreams(self) -> tuple[tuple[Upstream, ...], str]:
+        """The upstreams and the default's name, from the configuration file, --registry
+        and the single-registry options (which win).  Raises ConfigFileError."""
+        settings = read_config_file(self["config"]) if self["config"] else FileSettings()
+        tables: dict[str, dict] = {name: dict(table) for name, table in settings.upstreams}
+        for value in self["registry"]:
+            name, sep, url = value.partition("=")
+            table = tables.setdefault(name.strip().lower(), {})
+            if sep:
+                try:
+                    table["url"] = check_url(f"--registry {name}", url.strip())
+                except ValueError as e:
+                    raise ConfigFileError(str(e)) from None
+        preset = preset_for_url(self["upstream"]) if self["upstream"] else None
+        default = (
+            (self["default-registry"] or "").lower()
+            or settings.default
+            or (preset.name if preset else DEFAULT_UPSTREAM)
+        )
+        table = tables.setdefault(default, {})
+        for option, key in (("upstream", "url"), ("upstream-ca", "ca"),
+                            ("upstream-credentials", "credentials"),
+                            ("auth-realm", "auth_realm"), ("auth-service", "auth_service")):
+            if self[option]:
+                table[key] = self[option]
+        if self.library is not None:
+            table["library"] = self.library
+        upstreams = []
+        for name, table in tables.items():
+            if self["mirror-mode"]:
+                table.setdefault("mirror_mode", True)
+            try:
+                upstreams.append(build_upstream(name, table))
+            except ValueError as e:
+                raise ConfigFileError(str(e)) from None
+        try:
+            check_distinct(tuple(upstreams))
+        except ValueError as e:
+            raise ConfigFileError(str(e)) from None
+        return tuple(upstreams), default
+
     def config(self) -> Config:
+        upstreams, default = self.upstreams()
         return Config(
             listen=tuple(self["listen"]),
             tls=tuple(self["tls"]),
@@ -269,13 +347,8 @@ docxy listens on tcp:8080."""
             key_path=self["key"] if self["tls"] else None,
             public_url=self["public-url"],
             server_names=tuple(self["server-name"]),
-            upstream=self["upstream"],
-            upstream_ca=self["upstream-ca"],
-            auth_realm=self["auth-realm"],
-            auth_service=self["auth-service"],
-            library=self.library,
-            mirror_mode=bool(self["mirror-mode"]),
-            upstream_credentials=self["upstream-credentials"],
+            upstreams=upstreams,
+            default_upstream=default,
             connect_timeout=self["connect-timeout"],
             header_timeout=self["header-timeout"],
             idle_timeout=self["idle-timeout"],
@@ -285,48 +358,62 @@ docxy listens on tcp:8080."""
         )
 
 
-class _ClosePool(service.Service):
-    """Closes the upstream connection pool when the daemon stops."""
+class _ClosePools(service.Service):
+    """Closes the upstream connection pools when the daemon stops."""
 
-    def __init__(self, client: UpstreamClient) -> None:
-        self._client = client
+    def __init__(self, clients: list[UpstreamClient]) -> None:
+        self._clients = clients
 
     def stopService(self):
         super().stopService()
-        return self._client.close()
+        return defer.gatherResults([c.close() for c in self._clients])
+
+
+def _proxies(config: Config, reactor) -> tuple[dict[str, RegistryProxy], list[UpstreamClient]]:
+    """One RegistryProxy per upstream; upstreams trusting the same CAs share a client (and
+    its connection pool).  Raises TLSConfigError or CredentialsError."""
+    clients: dict[str | None, UpstreamClient] = {}
+    proxies = {}
+    for upstream in config.upstreams:
+        client = clients.get(upstream.ca)
+        if client is None:
+            client = clients[upstream.ca] = UpstreamClient(
+                reactor,
+                upstream_trust(upstream.ca),
+                connect_timeout=config.connect_timeout,
+                header_timeout=config.header_timeout,
+                max_redirects=config.max_redirects,
+                pool_size=config.pool_size,
+            )
+        credentials = read_credentials(upstream.credentials) if upstream.credentials else None
+        auth = UpstreamAuth(upstream, client, reactor, credentials)
+        proxies[upstream.name] = RegistryProxy(upstream, client, auth, reactor)
+    return proxies, list(clients.values())
 
 
 def build_service(config: Config, reactor) -> service.MultiService:
-    """Everything the daemon runs, from one Config.  Raises TLSConfigError or
-    CredentialsError for files that cannot be used."""
+    """Everything the daemon runs, from one Config.  Raises TLSConfigError,
+    CredentialsError or CacheConfigError for files that cannot be used."""
     server_tls = ServerTLS(config.cert_path, config.key_path) if config.tls else None
-    credentials = (
-        read_credentials(config.upstream_credentials) if config.upstream_credentials else None
-    )
-    names = tuple(dict.fromkeys(config.server_names + (server_tls.names() if server_tls else ())))
-    client = UpstreamClient(
-        reactor,
-        upstream_trust(config.upstream_ca),
-        connect_timeout=config.connect_timeout,
-        header_timeout=config.header_timeout,
-        max_redirects=config.max_redirects,
-        pool_size=config.pool_size,
-    )
-    auth = UpstreamAuth(config, client, reactor, credentials)
-    proxy = RegistryProxy(config, client, auth, reactor)
+    own = config.server_names + (server_tls.names() if server_tls else ())
+    if config.public_url:
+        own += (urlsplit(config.public_url).hostname or "",)
+    table = UpstreamTable(config.upstreams, config.default_upstream, own)
+    # A Host naming an upstream is one of ours too: realms may be built from it.
+    names = tuple(dict.fromkeys(own + tuple(h for u in config.upstreams for h in u.hosts)))
+    proxies, clients = _proxies(config, reactor)
     blobs = manifests = None
     if config.cache_dir:
         try:
             store = BlobStore(config.cache_dir, config.cache_max_size)
         except OSError as e:
             raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
-        blobs = BlobCache(store, proxy, reactor, config.idle_timeout)
-        manifests = ManifestCache(
-            store, proxy, reactor, cache_key(config.upstream), config.add_library, config.tag_ttl
-        )
+        blobs = BlobCache(store, reactor, config.idle_timeout)
+        manifests = ManifestCache(store, reactor, config.tag_ttl)
     context = Context(
         config=config,
-        proxy=proxy,
+        table=table,
+        proxies=proxies,
         reactor=reactor,
         server_names=names,
         blobs=blobs,
@@ -344,10 +431,16 @@ def build_service(config: Config, reactor) -> service.MultiService:
         plain_site = api_site
     for description in config.listen:
         strports.service(description, plain_site, reactor=reactor).setServiceParent(top)
-    _ClosePool(client).setServiceParent(top)
+    _ClosePools(clients).setServiceParent(top)
+    for upstream in config.upstreams:
+        log.info(
+            "docxy: mirroring {name} from {url}{default}",
+            name=upstream.name,
+            url=upstream.url,
+            default=" (default)" if upstream.name == config.default_upstream else "",
+        )
     log.info(
-        "docxy: upstream {upstream}, listening on {listen} (plain) {tls} (TLS)",
-        upstream=config.upstream,
+        "docxy: listening on {listen} (plain) {tls} (TLS)",
         listen=" ".join(config.listen) or "-",
         tls=" ".join(config.tls) or "-",
     )
@@ -359,9 +452,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    config = options.config()
     try:
-        return build_service(config, reactor)
-    except (TLSConfigError, CredentialsError, CacheConfigError) as e:
+        return build_service(options.config(), reactor)
+    except (ConfigFileError, TLSConfigError, CredentialsError, CacheConfigError) as e:
         raise SystemExit(f"docxy: {e}") from None
 

@@ -19,9 +19,9 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from docxy.challenge import parse_challenge
-from docxy.config import HUB_REALM, HUB_SERVICE, Config
 from docxy.flight import SingleFlight
 from docxy.upstream import UpstreamClient, UpstreamError
+from docxy.upstreams import Upstream
 
 log = Logger()
 
@@ -147,12 +147,12 @@ def read_small_body(response, limit: int = MAX_TOKEN_ANSWER) -> defer.Deferred[b
 class UpstreamAuth:
     def __init__(
         self,
-        config: Config,
+        upstream: Upstream,
         client: UpstreamClient,
         reactor,
         credentials: tuple[str, str] | None = None,
     ) -> None:
-        self._config = config
+        self._upstream = upstream
         self._client = client
         self._reactor = reactor
         self._credentials = credentials
@@ -169,7 +169,7 @@ class UpstreamAuth:
 
     async def endpoint(self) -> AuthEndpoint | None:
         """The upstream token service, or None when the upstream does not use tokens."""
-        config = self._config
+        config = self._upstream
         if config.auth_realm and config.auth_service:
             return AuthEndpoint(config.auth_realm, config.auth_service)
         if self._endpoint is None:
@@ -187,14 +187,12 @@ class UpstreamAuth:
         )
 
     async def _discover(self) -> None:
-        url = f"{self._config.upstream_base}/v2/"
+        url = f"{self._upstream.base}/v2/"
         response = await self._client.request(b"GET", url, Headers())
         await read_small_body(response)
         header = response.headers.getRawHeaders(b"www-authenticate", [None])[0]
         if header is not None:
             self.learn(header)
-        if self._endpoint is None and self._config.is_docker_hub:
-            self._endpoint = AuthEndpoint(HUB_REALM, HUB_SERVICE)
 
     # --- mirror mode: docxy's own tokens --------------------------------------------------
     def forget(self, scope: str) -> None:

@@ -2,8 +2,9 @@
 is followed as its bytes arrive, and a miss starts the one upstream download that every
 later client follows.
 
-Cached content of a repository is served only to a client the upstream would serve it to:
-`docxy.access.AccessGate` asks the upstream (see there).
+The store is shared by every upstream: a blob is kept once by its digest, whichever
+registry it came from.  Cached content of a repository is served only to a client that
+repository's upstream would serve it to: its `docxy.access.AccessGate` asks (see there).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from docxy.answers import discard_body, refuse, relay, send_error
 from docxy.cache.fill import COMPLETE, FAILED, Fill
 from docxy.cache.follow import FileFollower
 from docxy.cache.store import BlobStore
+from docxy.challenge import Realm
 from docxy.names import Route
 from docxy.proxy import RegistryProxy
 from docxy.ranges import UNSATISFIABLE, parse_range
@@ -35,11 +37,10 @@ class CacheStats:
 
 
 class BlobCache:
-    def __init__(self, store: BlobStore, proxy: RegistryProxy, reactor, idle_timeout: float,
+    def __init__(self, store: BlobStore, reactor, idle_timeout: float,
                  threaded_fills: bool = True):
         self.store = store
         self.stats = CacheStats()
-        self._proxy = proxy
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._threaded = threaded_fills  # hash and write in a thread (off in memory tests)
@@ -54,12 +55,12 @@ class BlobCache:
         """Stored, or being downloaded right now."""
         return self.store.has(digest) or digest in self._fills
 
-    async def answer(self, request, route: Route, realm: str | None) -> None:
+    async def answer(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
         digest = route.reference
         if not self.holds(digest):
-            await self._miss(request, route, realm)
+            await self._miss(request, proxy, route, realm)
             return
-        denied = await self._proxy.access.check_access(route, request.requestHeaders)
+        denied = await proxy.access.check_access(route, request.requestHeaders)
         if denied is not None:
             refuse(request, denied, realm)
             return
@@ -71,9 +72,9 @@ class BlobCache:
             self.stats.hits += 1
             self._serve(request, digest, None)
         else:  # evicted while we asked the upstream: fetch it again
-            await self._miss(request, route, realm)
+            await self._miss(request, proxy, route, realm)
 
-    async def _miss(self, request, route: Route, realm: str | None) -> None:
+    async def _miss(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
         digest = route.reference
         waiting = self._starting.get(digest)
         if waiting is not None:
@@ -82,36 +83,36 @@ class BlobCache:
             ready: defer.Deferred = defer.Deferred()
             waiting.append(ready)
             await ready
-            await self.answer(request, route, realm)
+            await self.answer(request, proxy, route, realm)
             return
         self._starting[digest] = []
         try:
-            await self._start_fill(request, route, realm)
+            await self._start_fill(request, proxy, route, realm)
         finally:
             for ready in self._starting.pop(digest, []):
                 if not ready.called:
                     ready.callback(None)
 
-    async def _start_fill(self, request, route: Route, realm: str | None) -> None:
+    async def _start_fill(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
         digest = route.reference
         headers = request.requestHeaders.copy()
         # The cache needs the whole blob; a client's range is served from the file.
         for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
             headers.removeHeader(name)
-        response = await self._proxy.pull(route, b"GET", headers, [])
+        response = await proxy.pull(route, b"GET", headers, [])
         if response.code != 200 or not isinstance(response.length, int):
             relay(request, response, self._reactor, self._idle_timeout, realm)
             return
         if self.holds(digest):
             # Someone else started (or finished) the download while we waited.
             discard_body(response)
-            await self.answer(request, route, realm)
+            await self.answer(request, proxy, route, realm)
             return
         self.stats.misses += 1
         fill = Fill(self.store, digest, response.length, self._reactor, self._idle_timeout,
                     on_end=self._fill_ended, threaded=self._threaded)
-        self._proxy.access.note_allowed(route, request.requestHeaders)
-        self._proxy.access.learn_publicity(route)
+        proxy.access.note_allowed(route, request.requestHeaders)
+        proxy.access.learn_publicity(route)
         self._fills[digest] = fill
         response.deliverBody(fill)
         if not request_gone(request):

@@ -6,7 +6,7 @@ own credential and Accept, and its manifest is served from the cache when the di
 known; `--tag-ttl` skips even that HEAD for a while.  When the upstream is unreachable,
 answers 5xx or rate-limits, the last known digest of a tag is served (stale).
 Manifest bytes live in the blob store (one copy per digest, whatever asked for it); their
-media type and the tag map live beside it, under `manifests/` and `tags/`.
+media type and the tag map live beside it, under `manifests/` and `tags/<upstream>/`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import attrs
 from twisted.logger import Logger
@@ -23,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from docxy.answers import API_VERSION, discard_body, refuse, relay
 from docxy.cache.store import BlobStore
+from docxy.challenge import Realm
 from docxy.names import Route, upstream_name
 from docxy.proxy import RegistryProxy
 from docxy.relay import request_gone
@@ -48,9 +48,8 @@ class TagEntry:
 
 
 def cache_key(upstream: str) -> str:
-    """The directory name under tags/ for an upstream: its host and port."""
-    parts = urlsplit(upstream)
-    return (parts.netloc or "upstream").replace(":", "_").replace("/", "_")
+    """The directory name under tags/ for an upstream's name (`ghcr.io`, `reg.corp:5000`)."""
+    return upstream.replace(":", "_").replace("/", "_") or "upstream"
 
 
 def accepts(accept_lines: list[bytes], media_type: str) -> bool:
@@ -69,19 +68,14 @@ class ManifestCache:
     def __init__(
         self,
         store: BlobStore,
-        proxy: RegistryProxy,
         reactor,
-        upstream_key: str,
-        library: bool,
         tag_ttl: float = 0.0,
     ) -> None:
         self.store = store
-        self._proxy = proxy
         self._reactor = reactor
-        self._library = library
         self._tag_ttl = tag_ttl
         self._types = store.root / "manifests"
-        self._tags = store.root / "tags" / upstream_key
+        self._tags = store.root / "tags"
         self._types.mkdir(parents=True, exist_ok=True)
         self._tags.mkdir(parents=True, exist_ok=True)
         self.hits = 0
@@ -92,8 +86,8 @@ class ManifestCache:
     def _type_path(self, digest: str) -> Path:
         return self._types / digest.replace(":", "_")
 
-    def _tag_path(self, name: str, tag: str) -> Path:
-        return self._tags / name / tag
+    def _tag_path(self, upstream: str, name: str, tag: str) -> Path:
+        return self._tags / cache_key(upstream) / name / tag
 
     def media_type(self, digest: str) -> str | None:
         try:
@@ -101,16 +95,17 @@ class ManifestCache:
         except OSError:
             return None
 
-    def tag(self, name: str, tag: str) -> TagEntry | None:
+    def tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
+        """What `upstream`'s tag `name:tag` last pointed at (names as the upstream has them)."""
         try:
-            data = json.loads(self._tag_path(name, tag).read_text())
+            data = json.loads(self._tag_path(upstream, name, tag).read_text())
             return TagEntry(data["digest"], data["media_type"], float(data["checked"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _remember_tag(self, name: str, tag: str, digest: str, media_type: str) -> None:
+    def _remember_tag(self, upstream: str, name: str, tag: str, digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
-        _atomic_write(self._tag_path(name, tag), json.dumps(entry).encode())
+        _atomic_write(self._tag_path(upstream, name, tag), json.dumps(entry).encode())
 
     def _put(self, digest: str, body: bytes, media_type: str) -> None:
         path, f = self.store.new_partial(digest)
@@ -130,18 +125,18 @@ class ManifestCache:
             self.store.release(digest)
 
     # --- answers ------------------------------------------------------------------------
-    async def answer(self, request, route: Route, realm: str | None) -> None:
+    async def answer(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
         if route.is_digest:
-            await self._by_digest(request, route, realm)
+            await self._by_digest(request, proxy, route, realm)
         else:
-            await self._by_tag(request, route, realm)
+            await self._by_tag(request, proxy, route, realm)
 
-    async def _by_digest(self, request, route: Route, realm: str | None) -> None:
+    async def _by_digest(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
         digest = route.reference
         body = self._read(digest) if self.store.has(digest) else None
         media_type = self.media_type(digest) if body is not None else None
         if body is not None and media_type is not None:
-            denied = await self._proxy.access.check_access(route, request.requestHeaders)
+            denied = await proxy.access.check_access(route, request.requestHeaders)
             if denied is not None:
                 refuse(request, denied, realm)
                 return
@@ -149,26 +144,26 @@ class ManifestCache:
             self._send(request, digest, media_type, body)
             return
         if request.method == b"HEAD":
-            response = await self._proxy.pull(route, b"HEAD", request.requestHeaders, [])
+            response = await proxy.pull(route, b"HEAD", request.requestHeaders, [])
             relay(request, response, self._reactor, 0, realm)
             return
-        await self._fetch(request, route, realm, expected=digest)
+        await self._fetch(request, proxy, route, realm, expected=digest)
 
-    async def _by_tag(self, request, route: Route, realm: str | None) -> None:
-        name = upstream_name(route.name, self._library)
+    async def _by_tag(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+        name = upstream_name(route.name, proxy.library)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
-        entry = self.tag(name, route.reference)
+        entry = self.tag(proxy.name, name, route.reference)
         usable = entry is not None and self.store.has(entry.digest) and accepts(accept, entry.media_type)
         now = self._reactor.seconds()
         if usable and self._tag_ttl > 0 and now - entry.checked < self._tag_ttl:
-            denied = await self._proxy.access.check_access(route, request.requestHeaders)
+            denied = await proxy.access.check_access(route, request.requestHeaders)
             if denied is None and self._serve_stored(request, entry.digest, entry.media_type):
                 self.hits += 1
                 return
         try:
-            head = await self._proxy.pull(route, b"HEAD", request.requestHeaders, [])
+            head = await proxy.pull(route, b"HEAD", request.requestHeaders, [])
         except UpstreamError:
-            if usable and self._proxy.access.was_allowed(route, request.requestHeaders):
+            if usable and proxy.access.was_allowed(route, request.requestHeaders):
                 self._serve_stale(request, route, entry, "upstream unreachable")
                 return
             raise
@@ -176,7 +171,7 @@ class ManifestCache:
         if (
             head.code in STALE_STATUSES
             and usable
-            and self._proxy.access.was_allowed(route, request.requestHeaders)
+            and proxy.access.was_allowed(route, request.requestHeaders)
         ):
             discard_body(head)
             self._serve_stale(request, route, entry, f"upstream answered {head.code}")
@@ -192,19 +187,19 @@ class ManifestCache:
         if head.code != 200 or media_type is None:
             # A GET: fetch it (an error is then relayed with the upstream's own body).
             discard_body(head)
-            await self._fetch(request, route, realm, expected=digest or None)
+            await self._fetch(request, proxy, route, realm, expected=digest or None)
             return
         discard_body(head)
-        self._note_served(route, request, digest)
+        self._note_served(proxy, route, request, digest)
         if self._serve_stored(request, digest, media_type):
             self.hits += 1
-            self._remember_tag(name, route.reference, digest, media_type)
+            self._remember_tag(proxy.name, name, route.reference, digest, media_type)
             return
-        await self._fetch(request, route, realm, expected=digest)
+        await self._fetch(request, proxy, route, realm, expected=digest)
 
-    async def _fetch(self, request, route: Route, realm: str | None, expected: str | None) -> None:
+    async def _fetch(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None, expected: str | None) -> None:
         """GET the manifest upstream, verify it, store it, answer it."""
-        response = await self._proxy.pull(route, b"GET", request.requestHeaders, [])
+        response = await proxy.pull(route, b"GET", request.requestHeaders, [])
         if response.code != 200:
             relay(request, response, self._reactor, 0, realm)
             return
@@ -227,19 +222,19 @@ class ManifestCache:
             response.headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[0]
         ).decode("latin-1")
         self.misses += 1
-        self._proxy.access.learn_publicity(self._note_served(route, request, digest))
+        proxy.access.learn_publicity(self._note_served(proxy, route, request, digest))
         self._put(digest, body, media_type)
         if not route.is_digest:
-            name = upstream_name(route.name, self._library)
-            self._remember_tag(name, route.reference, digest, media_type)
+            name = upstream_name(route.name, proxy.library)
+            self._remember_tag(proxy.name, name, route.reference, digest, media_type)
         self._send(request, digest, media_type, body, response.headers)
 
-    def _note_served(self, route: Route, request, digest: str) -> Route:
+    def _note_served(self, proxy: RegistryProxy, route: Route, request, digest: str) -> Route:
         """The upstream just served this client the manifest `digest` for `route`: remember
         the yes and that the repository holds that digest; the digest's route is returned."""
         by_digest = attrs.evolve(route, reference=digest)
-        self._proxy.access.note_allowed(route, request.requestHeaders)
-        self._proxy.access.note_link(by_digest)
+        proxy.access.note_allowed(route, request.requestHeaders)
+        proxy.access.note_link(by_digest)
         return by_digest
 
     def _serve_stale(self, request, route: Route, entry: TagEntry, why: str) -> None:

@@ -9,18 +9,30 @@ from twisted.web.resource import Resource
 
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
+from docxy.selection import Selection, UpstreamTable
 
 
 @attrs.frozen
 class Context:
-    """The collaborators a request needs: one per daemon, built by docxy.site."""
+    """The collaborators a request needs: one per daemon, built by docxy.tap."""
 
     config: Config
-    proxy: RegistryProxy
+    table: UpstreamTable
+    proxies: dict[str, RegistryProxy]  # by upstream name
     reactor: object
     server_names: tuple[str, ...]
     blobs: object | None = None  # docxy.cache.blobs.BlobCache when the cache is on
     manifests: object | None = None  # docxy.cache.manifests.ManifestCache, likewise
+
+    def select(self, request, path: bytes) -> tuple[Selection, RegistryProxy]:
+        """The upstream `request` is for (raises docxy.selection.NotMirrored).  A request
+        that chose it by containerd's `ns=` gets the namespace echoed in `OCI-Namespace`."""
+        ns = next((v for k, v in query_pairs(request) if k == "ns"), None)
+        host = request.getHeader(b"host")
+        selection = self.table.select(path, ns, host.decode("latin-1") if host else None)
+        if selection.via == "ns":
+            request.setHeader(b"oci-namespace", ns.encode("latin-1"))
+        return selection, self.proxies[selection.upstream.name]
 
 
 def query_pairs(request) -> list[tuple[str, str]]:

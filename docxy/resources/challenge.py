@@ -1,4 +1,5 @@
-"""`/v2/`: the API ping.  Relays the upstream's answer with every challenge pointed at this
+"""`/v2/`: the API ping, for the upstream chosen by `ns=` or `Host` (else the default
+one).  Relays the upstream's answer with every challenge pointed at this
 mirror's token endpoint; in mirror mode docxy holds the upstream credentials itself and
 answers 200 without asking anyone.  With the cache on and the upstream unreachable it
 answers 200 too, so that cached content keeps being served."""
@@ -7,7 +8,8 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
-from docxy.answers import API_VERSION, answer_later, relay, token_realm
+from docxy.answers import API_VERSION, answer_later, relay, send_error, token_realm
+from docxy.names import InvalidRequest
 from docxy.relay import request_gone
 from docxy.resources._base import PullResource
 from docxy.upstream import UpstreamError
@@ -29,13 +31,18 @@ class ChallengeResource(PullResource):
     def answer(self, request):
         ctx = self.context
         request.docxy_what = ("/v2/", "")
-        if ctx.proxy.mirror_mode:
+        try:
+            selection, proxy = ctx.select(request, b"/v2/")
+        except InvalidRequest as e:
+            send_error(request, e.status, e.code, e.message)
+            return NOT_DONE_YET
+        if proxy.mirror_mode:
             _answer_ok(request)
             return NOT_DONE_YET
 
         async def work() -> None:
             try:
-                response = await ctx.proxy.ping(request.requestHeaders)
+                response = await proxy.ping(request.requestHeaders)
             except UpstreamError as e:
                 if ctx.blobs is None:
                     raise
@@ -45,7 +52,7 @@ class ChallengeResource(PullResource):
                 log.warn("upstream unreachable ({err}); /v2/ answered by the mirror", err=e.message)
                 _answer_ok(request)
                 return
-            realm = token_realm(request, ctx.config.public_url, ctx.server_names)
+            realm = token_realm(request, ctx.config.public_url, ctx.server_names, selection)
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm)
 
         return answer_later(request, work)

@@ -1,12 +1,13 @@
-"""`/v2/<name>/manifests|blobs|tags/<reference>`: checks the path against the registry
-grammar before anything goes upstream, then relays the upstream answer.  HEAD stays HEAD
+"""`/v2/<name>/manifests|blobs|tags/<reference>`: picks the upstream (see
+docxy.selection), checks the path against the registry grammar before anything goes
+upstream, then answers from the cache or relays the upstream answer.  HEAD stays HEAD
 upstream (a HEAD costs no pull on Hub) and keeps the upstream Content-Length."""
 from __future__ import annotations
 
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.answers import answer_later, relay, send_error, token_realm
-from docxy.names import InvalidRequest, parse_route
+from docxy.names import InvalidRequest, parse_route, upstream_name
 from docxy.resources._base import PullResource, query_pairs
 
 
@@ -14,21 +15,23 @@ class RegistryResource(PullResource):
     def answer(self, request):
         ctx = self.context
         try:
-            route = parse_route(request.path)
+            selection, proxy = ctx.select(request, request.path)
+            route = parse_route(selection.path)
+            name = upstream_name(route.name, proxy.library)
+            request.docxy_what = (f"{proxy.name}/{name}", route.reference)
+            proxy.check_allowed([name])
         except InvalidRequest as e:
-            request.docxy_what = ("-", "")
             send_error(request, e.status, e.code, e.message)
             return NOT_DONE_YET  # the error is already written
-        request.docxy_what = (route.name, route.reference)
 
         realm = (
             None
-            if ctx.proxy.mirror_mode
-            else token_realm(request, ctx.config.public_url, ctx.server_names)
+            if proxy.mirror_mode
+            else token_realm(request, ctx.config.public_url, ctx.server_names, selection)
         )
         if route.kind == "manifests" and ctx.manifests is not None:
             manifests = ctx.manifests
-            return answer_later(request, lambda: manifests.answer(request, route, realm))
+            return answer_later(request, lambda: manifests.answer(request, proxy, route, realm))
         blobs = ctx.blobs
         if (
             blobs is not None
@@ -36,10 +39,10 @@ class RegistryResource(PullResource):
             and (request.method == b"GET" or blobs.holds(route.reference))
         ):
             # GETs go through the cache; a HEAD of a blob not held stays a HEAD upstream.
-            return answer_later(request, lambda: blobs.answer(request, route, realm))
+            return answer_later(request, lambda: blobs.answer(request, proxy, route, realm))
 
         async def work() -> None:
-            response = await ctx.proxy.pull(
+            response = await proxy.pull(
                 route, request.method, request.requestHeaders, query_pairs(request)
             )
             if route.kind == "blobs" and response.code in (200, 206):

@@ -1,6 +1,8 @@
-"""`/auth/token`: the token endpoint clients are sent to by docxy's challenges.  Forwards
-GET and containerd's POST form flow to the upstream's token service with the upstream's
-service name and `library/` added to bare names; Basic credentials pass through."""
+"""`/auth/token` and `/auth/token/<upstream>`: the token endpoints docxy's challenges send
+clients to.  The upstream is the one the realm names, else the one the scopes' names
+select (a path prefix, or none for the default upstream; see docxy.selection).  GET and
+containerd's POST form flow are forwarded to that upstream's token service with its own
+service name and the scopes in its own names; Basic credentials pass through."""
 from __future__ import annotations
 
 from urllib.parse import parse_qsl
@@ -8,27 +10,20 @@ from urllib.parse import parse_qsl
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.answers import answer_later, relay, send_error
+from docxy.names import InvalidRequest, scope_repositories
 from docxy.resources._base import LeafResource, query_pairs
+
+PATH = b"/auth/token"
 
 
 class TokenResource(LeafResource):
     def render_GET(self, request):
-        request.docxy_what = ("/auth/token", "")
-        ctx = self.context
-
-        async def work() -> None:
-            response = await ctx.proxy.token(
-                b"GET", query_pairs(request), None, request.requestHeaders
-            )
-            relay(request, response, ctx.reactor, ctx.config.idle_timeout, None)
-
-        return answer_later(request, work)
+        return self._forward(request, b"GET", None)
 
     def render_POST(self, request):
-        request.docxy_what = ("/auth/token", "")
-        ctx = self.context
-        body = request.content.read(ctx.config.max_token_body + 1)
-        if len(body) > ctx.config.max_token_body:
+        max_body = self.context.config.max_token_body
+        body = request.content.read(max_body + 1)
+        if len(body) > max_body:
             send_error(request, 413, "SIZE_INVALID", "token request too large")
             return NOT_DONE_YET
         try:
@@ -36,11 +31,37 @@ class TokenResource(LeafResource):
         except UnicodeDecodeError:
             send_error(request, 400, "UNSUPPORTED", "token request form is not UTF-8")
             return NOT_DONE_YET
+        return self._forward(request, b"POST", form)
+
+    def _forward(self, request, method: bytes, form: list[tuple[str, str]] | None):
+        ctx = self.context
+        query = query_pairs(request)
+        scopes = [v for k, v in (query if form is None else form) if k == "scope"]
+        try:
+            upstream, prefix = ctx.table.select_token(
+                _realm_name(request.path), [n for s in scopes for n in scope_repositories(s)]
+            )
+        except InvalidRequest as e:
+            request.docxy_what = ("/auth/token", "")
+            send_error(request, e.status, e.code, e.message)
+            return NOT_DONE_YET
+        request.docxy_what = (f"/auth/token/{upstream.name}", "")
+        proxy = ctx.proxies[upstream.name]
+        strip = f"{prefix}/" if prefix else None
 
         async def work() -> None:
-            response = await ctx.proxy.token(
-                b"POST", query_pairs(request), form, request.requestHeaders
-            )
+            response = await proxy.token(method, query, form, request.requestHeaders, strip)
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, None)
 
         return answer_later(request, work)
+
+
+def _realm_name(path: bytes) -> str | None:
+    """The upstream a realm `/auth/token/<name>` names; None for `/auth/token`."""
+    if path == PATH:
+        return None
+    name = path[len(PATH) + 1:]
+    try:
+        return name.decode("ascii") or None
+    except UnicodeDecodeError:
+        raise InvalidRequest("NAME_UNKNOWN", "no such token endpoint", 404) from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import attrs
+
 from twisted.internet import address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -12,13 +14,15 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from docxy.cache.blobs import BlobCache
-from docxy.cache.manifests import ManifestCache, cache_key
+from docxy.cache.manifests import ManifestCache
 from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
+from docxy.selection import UpstreamTable
 from docxy.site import DocxySite, api_resource
 from docxy.tokens import UpstreamAuth
+from docxy.upstreams import PRESETS, Upstream
 
 
 class BodyTransport:
@@ -88,21 +92,38 @@ class FakeUpstream:
         return [u for _, u, _, _ in self.calls]
 
 
+def hub(url: str = "https://registry.test", **settings) -> Upstream:
+    """The docker.io upstream (library/ on) at `url`, with `settings` on top."""
+    return attrs.evolve(PRESETS["docker.io"], url=url, **settings)
+
+
+def hub_config(url: str = "https://registry.test", upstream: dict | None = None, **config) -> Config:
+    """A Config mirroring docker.io from `url` (with the upstream `settings`) only."""
+    return Config(upstreams=(hub(url, **(upstream or {})),), **config)
+
+
 def make_site(config: Config | None = None, upstream: FakeUpstream | None = None, names=(),
-              with_cache: bool = False):
-    config = config or Config(upstream="https://registry.test", library=True)
+              with_cache: bool = False, own_hosts=()):
+    """A site over `config` whose every upstream is answered by the one FakeUpstream."""
+    config = config or hub_config()
     upstream = upstream or FakeUpstream()
     clock = Clock()
-    auth = UpstreamAuth(config, upstream, clock)
-    proxy = RegistryProxy(config, upstream, auth, clock)
+    proxies = {}
+    for spec in config.upstreams:
+        auth = UpstreamAuth(spec, upstream, clock)
+        proxies[spec.name] = RegistryProxy(spec, upstream, auth, clock)
     blobs = manifests = None
     if with_cache:
         store = BlobStore(config.cache_dir, config.cache_max_size)
-        blobs = BlobCache(store, proxy, clock, config.idle_timeout, threaded_fills=False)
-        manifests = ManifestCache(store, proxy, clock, cache_key(config.upstream),
-                                  config.add_library, config.tag_ttl)
+        blobs = BlobCache(store, clock, config.idle_timeout, threaded_fills=False)
+        manifests = ManifestCache(store, clock, config.tag_ttl)
     context = Context(
-        config=config, proxy=proxy, reactor=clock, server_names=names, blobs=blobs,
+        config=config,
+        table=UpstreamTable(config.upstreams, config.default_upstream, own_hosts),
+        proxies=proxies,
+        reactor=clock,
+        server_names=names,
+        blobs=blobs,
         manifests=manifests,
     )
     return DocxySite(api_resource(context), clock), upstream, clock

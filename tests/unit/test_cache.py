@@ -10,10 +10,9 @@ from twisted.python.failure import Failure
 
 from docxy.cache.fill import Fill
 from docxy.cache.store import BlobStore
-from docxy.config import Config
 from docxy.ranges import UNSATISFIABLE, parse_range
 
-from .fakes import Exchange, FakeResponse, FakeUpstream, make_site
+from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 
 
 def digest_of(data: bytes) -> str:
@@ -146,7 +145,7 @@ def _cache_site(tmp_path, data, digest=None):
         responses.append(r)
         return r
 
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
     upstream = FakeUpstream(respond)
     site, _, clock = make_site(config, upstream, with_cache=True)
     return site, upstream, responses, digest
@@ -240,7 +239,7 @@ def test_cached_blob_needs_upstream_yes_for_the_client(tmp_path):
         r = FakeResponse(200, body=data)
         return r
 
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
     site, upstream, _ = make_site(config, FakeUpstream(respond), with_cache=True)
     assert get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer good")]).response()[2] == data
     status, headers, _ = get(site, f"/v2/p/blobs/{digest}", [("Authorization", "Bearer bad")]).response()
@@ -274,7 +273,7 @@ def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
             gets.append(url)
             return await answer
 
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
     site, _, _ = make_site(config, Slow(), with_cache=True)
     clients = [get(site, f"/v2/x/blobs/{digest}") for _ in range(4)]
     response = FakeResponse(200, body=data)
@@ -312,7 +311,7 @@ def _manifest_site(tmp_path, down=None, body=MANIFEST, tag_ttl=0.0):
             return FakeResponse(200, hdrs, body)
         return FakeResponse(404)
 
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"), tag_ttl=tag_ttl)
+    config = hub_config(cache_dir=str(tmp_path / "cache"), tag_ttl=tag_ttl)
     upstream = FakeUpstream(respond)
     site, _, clock = make_site(config, upstream, with_cache=True)
     return site, upstream, digest, down, clock
@@ -397,7 +396,7 @@ def test_refusals_to_a_get_have_a_whole_body(tmp_path):
             return FakeResponse(401, hdrs, length=0)
         return FakeResponse(401, hdrs, b"{}")
 
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
     site, _, _ = make_site(config, FakeUpstream(respond), with_cache=True)
     status, headers, body = get(site, "/v2/x/manifests/t").response()
     assert status == 401
@@ -447,7 +446,7 @@ def test_public_repo_path_cannot_read_another_repos_blob(tmp_path):
             return FakeResponse(200, body=public_data) if method == b"GET" else FakeResponse(200, length=0)
         return FakeResponse(404, length=0)
 
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
     site, upstream, _ = make_site(config, FakeUpstream(respond), with_cache=True)
     assert get(site, f"/v2/private/x/blobs/{digest}", [("Authorization", "Bearer owner")]).response()[2] == data
     for _ in range(2):  # the second pull is a hit: docxy learns that anyone may pull public/x
@@ -460,7 +459,7 @@ def test_small_blob_delivered_at_once_is_served_or_refused_cleanly(tmp_path):
     """A body that ends while the first client is being set up: served whole when it
     verifies, a JSON 502 when it does not (never a crash)."""
     good = b"tiny"
-    config = Config(upstream="https://registry.test", cache_dir=str(tmp_path / "cache"))
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
     site, _, _ = make_site(config, FakeUpstream(lambda m, u, h, b: FakeResponse(200, body=good)), with_cache=True)
     status, _, body = get(site, f"/v2/x/blobs/{digest_of(good)}").response()
     assert status == 200 and body == good

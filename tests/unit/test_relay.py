@@ -3,9 +3,8 @@ disconnects, cut bodies and stalls."""
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from docxy.config import Config
 
-from .fakes import Exchange, FakeResponse, FakeUpstream, make_site
+from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 
 DIGEST = "sha256:" + "cd" * 32
 SIZE = 1000
@@ -14,7 +13,7 @@ SIZE = 1000
 def _blob_site(**config_args):
     response = FakeResponse(200, {b"content-type": b"application/octet-stream"}, length=SIZE, auto=False)
     upstream = FakeUpstream(lambda m, u, h, b: response)
-    config = Config(upstream="https://registry.test", idle_timeout=30, **config_args)
+    config = hub_config(idle_timeout=30, **config_args)
     site, _, clock = make_site(config, upstream)
     ex = Exchange(site)
     ex.send("GET", f"/v2/x/blobs/{DIGEST}")

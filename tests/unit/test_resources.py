@@ -3,10 +3,9 @@ import json
 
 import pytest
 
-from docxy.config import Config
 from docxy.upstream import UpstreamError
 
-from .fakes import Exchange, FakeResponse, FakeUpstream, make_site
+from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 
 DIGEST = "sha256:" + "ab" * 32
 MANIFEST = b'{"schemaVersion":2}'
@@ -114,7 +113,7 @@ def test_forged_host_never_reaches_the_realm():
 
 def test_public_url_builds_the_realm():
     upstream = FakeUpstream(lambda m, u, h, b: FakeResponse(401, {b"www-authenticate": CHALLENGE.encode()}))
-    config = Config(upstream="https://registry.test", public_url="https://mirror.example.com")
+    config = hub_config(public_url="https://mirror.example.com")
     site, _, _ = make_site(config, upstream)
     ex = Exchange(site)
     ex.send("GET", "/v2/")
@@ -227,7 +226,7 @@ def test_token_post_form_is_rewritten():
 
 
 def test_realm_override_skips_discovery():
-    config = Config(upstream="https://registry.test", auth_realm="https://a.test/t", auth_service="svc")
+    config = hub_config(upstream={"auth_realm": "https://a.test/t", "auth_service": "svc"})
     site, upstream, _ = make_site(config, _token_upstream())
     ex = Exchange(site)
     ex.send("GET", "/auth/token?scope=repository:x/y:pull")
@@ -237,7 +236,7 @@ def test_realm_override_skips_discovery():
 def test_mirror_mode_never_challenges_and_shares_tokens():
     """In mirror mode /v2/ is 200 locally, pulls carry docxy's own token, and one token
     serves many requests of the same scope."""
-    config = Config(upstream="https://registry.test", library=True, mirror_mode=True)
+    config = hub_config(upstream={"mirror_mode": True})
     site, upstream, _ = make_site(config, _token_upstream())
     for _ in range(3):
         ex = Exchange(site)
@@ -266,7 +265,7 @@ def test_mirror_mode_refetches_a_refused_token_once_and_hides_challenge():
             return FakeResponse(200, {}, b'{"access_token":"t%d"}' % len(answers))
         return FakeResponse(401, {b"www-authenticate": CHALLENGE.encode()}, b"{}")
 
-    config = Config(upstream="https://registry.test", mirror_mode=True)
+    config = hub_config(upstream={"mirror_mode": True, "library": False})
     site, upstream, _ = make_site(config, FakeUpstream(respond))
     ex = Exchange(site)
     ex.send("GET", "/v2/private/x/manifests/latest")

@@ -40,8 +40,9 @@ def test_defaults_listen_on_8080_and_hub():
     """With neither --listen nor --tls docxy serves the API on tcp:8080 for Docker Hub."""
     config = parse([]).config()
     assert config.listen == ("tcp:8080",) and config.tls == ()
-    assert config.upstream == "https://registry-1.docker.io"
-    assert config.add_library is True
+    assert [u.name for u in config.upstreams] == ["docker.io"]
+    assert config.default.url == "https://registry-1.docker.io"
+    assert config.default.library is True
 
 
 def test_repeatable_listen_and_options():
@@ -56,7 +57,9 @@ def test_repeatable_listen_and_options():
         ]
     ).config()
     assert config.listen == ("tcp:5000:interface=127.0.0.1", "tcp:5001:interface=127.0.0.1")
-    assert config.upstream == "https://ghcr.io" and config.add_library is False
+    # a preset's URL mirrors that preset: ghcr.io is the default, without library/
+    assert config.default.name == "ghcr.io" and config.default.url == "https://ghcr.io"
+    assert config.default.library is False and len(config.upstreams) == 1
     assert config.public_url == "https://m.example.com"
     assert config.server_names == ("m.example.com",)
     assert config.idle_timeout == 5.0
@@ -75,9 +78,10 @@ def test_environment_fills_in_and_command_line_wins(certs):
     }
     config = parse(["--upstream", "https://cli.example"], env).config()
     assert config.listen == ("tcp:1", "tcp:2") and config.tls == ("tcp:3",)
-    assert config.upstream == "https://cli.example"
+    assert config.default.name == "docker.io" and config.default.url == "https://cli.example"
     assert config.cert_path == str(certs["ec"].chain_path)
-    assert config.mirror_mode and config.library is True and config.header_timeout == 7.0
+    assert config.default.mirror_mode and config.default.library is True
+    assert config.header_timeout == 7.0
 
 
 @pytest.mark.parametrize(
@@ -135,7 +139,7 @@ def test_tls_wiring_sends_plain_listeners_to_https(certs):
 def test_plain_wiring_serves_the_api():
     services = _services(parse(["--listen", "tcp:5000:interface=127.0.0.1"]))
     assert isinstance(services[0].factory, DocxySite)
-    assert services[0].factory.resource._v2 is not None
+    assert b"/v2/" in services[0].factory.resource._prefixes
 
 
 @pytest.mark.parametrize("kind, key_attr", [("ec", "key_path"), ("rsa", "key_path"), ("ec", "pkcs8_key_path"), ("rsa", "pkcs8_key_path")])
