@@ -294,7 +294,8 @@ def hosts_toml(registry: str, mirrors: Sequence[str], ca_path: Path | None = Non
     containerd 1.6 rejects a hosts.toml without any [host] table ("invalid `host` tree")
     and then silently falls back to its defaults."""
     server = "https://registry-1.docker.io" if registry == "docker.io" else f"https://{registry}"
-    lines = [f"server = {_toml_str(server)}"]
+    # `_default` serves every registry without a directory of its own: no server of its own.
+    lines = [] if registry == "_default" else [f"server = {_toml_str(server)}"]
     for url in mirrors or [server]:
         m = MirrorURL.parse(url)
         lines += ["", f"[host.{_toml_str(m.url)}]", '  capabilities = ["pull", "resolve"]']
@@ -693,9 +694,13 @@ class _ContainersTool(_Driver):
     private mount namespace covering /var/lib/containers (their blob-info cache)."""
 
     def __init__(self, workdir: Path | str, mirrors: Mapping[str, Sequence[str]] | None,
-                 ca_path: Path | None, keep_data: bool) -> None:
+                 ca_path: Path | None, keep_data: bool,
+                 extra_hosts: Mapping[str, str] | None = None) -> None:
         super().__init__(workdir, keep_data)
         self.mirrors = {k: list(v) for k, v in (mirrors or {}).items()}
+        # host name -> address, seen by the tool only (its own /etc/hosts; needs root)
+        self.extra_hosts = dict(extra_hosts or {})
+        self.etc_hosts = self.workdir / "etc-hosts"
         self.ca_path = Path(ca_path) if ca_path else None
         self.registries_conf = self.workdir / "registries.conf"
         self.policy_path = self.workdir / "policy.json"
@@ -714,6 +719,11 @@ class _ContainersTool(_Driver):
         self.registries_conf.write_text(registries_conf(self.mirrors))
         self.policy_path.write_text(json.dumps(_POLICY))
         self.auth_file.write_text("{}")
+        if self.extra_hosts:
+            if not _is_root():
+                raise RuntimeError("extra_hosts needs root (a private /etc/hosts)")
+            lines = [f"{address} {name}" for name, address in self.extra_hosts.items()]
+            self.etc_hosts.write_text(Path("/etc/hosts").read_text() + "\n".join(lines) + "\n")
         if self.ca_path:
             _write_ca_dir(self.ca_path, self.cert_dir)
         if _is_root():
@@ -740,6 +750,8 @@ class _ContainersTool(_Driver):
         binds = {"/var/lib/containers": self.var_lib}
         if Path("/etc/containers/registries.conf.d").is_dir():
             binds["/etc/containers/registries.conf.d"] = self.empty_dir
+        if self.extra_hosts:
+            binds["/etc/hosts"] = self.etc_hosts
         return in_private_mounts(argv, binds=binds)
 
     def _tls_args(self, prefix: str, tls_verify: bool | None) -> list[str]:
@@ -849,8 +861,8 @@ class Skopeo(_ContainersTool):
 
     def __init__(self, workdir: Path | str, mirrors: Mapping[str, Sequence[str]] | None = None,
                  ca_path: Path | None = None, tls_verify: bool | None = None,
-                 keep_data: bool = False) -> None:
-        super().__init__(workdir, mirrors, ca_path, keep_data)
+                 keep_data: bool = False, extra_hosts: Mapping[str, str] | None = None) -> None:
+        super().__init__(workdir, mirrors, ca_path, keep_data, extra_hosts)
         self.tls_verify = tls_verify
         self.out_dir = self.workdir / "out"
         self._copies = 0

@@ -180,13 +180,14 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.fixture
-def clean(tmp_path: Path) -> Iterator[Path]:
+def clean(short_tmp: Path) -> Iterator[Path]:
     """A work dir; afterwards no process runs from it, nothing is mounted below it and the
-    clients' system-wide default paths are untouched."""
+    clients' system-wide default paths are untouched.  Short: containerd's socket paths
+    must stay under 104 bytes, which pytest's numbered tmp_path can exceed."""
     before = _snapshot()
-    yield tmp_path
-    assert _processes_mentioning(str(tmp_path)) == []
-    assert mounts_under(tmp_path) == []
+    yield short_tmp
+    assert _processes_mentioning(str(short_tmp)) == []
+    assert mounts_under(short_tmp) == []
     assert _snapshot() == before
 
 
