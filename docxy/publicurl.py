@@ -8,6 +8,7 @@ it never steers a client anywhere else.
 """
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlsplit
 
 import attrs
@@ -35,6 +36,14 @@ def split_host(host_header: str) -> tuple[str, int | None] | None:
         return parsed.hostname or "", parsed.port
     except ValueError:
         return None
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def name_matches(host: str, names: tuple[str, ...]) -> bool:

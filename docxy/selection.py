@@ -12,12 +12,10 @@ names, whose scopes carry the prefix (`repository:ghcr.io/org/app:pull`).
 """
 from __future__ import annotations
 
-import ipaddress
-
 import attrs
 
 from docxy.names import InvalidRequest
-from docxy.publicurl import split_host
+from docxy.publicurl import is_ip, split_host
 from docxy.upstreams import Upstream, is_host_name
 
 # Registries whose repository namespaces never contain a dot: a first path component with
@@ -54,14 +52,6 @@ class Selection:
     def scope_prefix(self) -> str | None:
         """What clients put before the upstream's repository names in their scopes."""
         return f"{self.prefix}/" if self.via == "prefix" else None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class UpstreamTable:
@@ -109,7 +99,7 @@ class UpstreamTable:
             found = found or self._by_host.get(host)
             if found is not None:
                 return Selection(found, b"", "host")
-            known = host in self._own_hosts or host == "localhost" or _is_ip(host)
+            known = host in self._own_hosts or host == "localhost" or is_ip(host)
             if self._own_hosts and not known:
                 raise NotMirrored(f"host {host!r} is not a registry mirrored here")
         return Selection(self.default, b"", "default")

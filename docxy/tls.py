@@ -5,8 +5,6 @@ that into a clean exit at start-up.
 """
 from __future__ import annotations
 
-import ipaddress
-
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
@@ -114,11 +112,3 @@ def upstream_trust(ca_path: str | None):
     """The trust root for connections to upstreams and their CDNs."""
     extra = load_certificates(ca_path, "upstream CA file") if ca_path else []
     return SystemTrustPlus(extra)
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

@@ -195,3 +195,15 @@ def test_config_errors_stop_start_up_with_one_line(tmp_path):
 def test_parse_config_keeps_table_order():
     settings = parse_config({"upstream": {"Quay.io": {}, "ghcr.io": {"hosts": ["G.Example"]}}})
     assert settings.upstreams == (("quay.io", {}), ("ghcr.io", {"hosts": ("g.example",)}))
+
+
+def test_the_example_configuration_file_loads():
+    """etc/docxy.toml, which operators copy, is valid and means what it says."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "etc" / "docxy.toml"
+    config = parse(["--config", str(example)]).config()
+    assert [u.name for u in config.upstreams] == [
+        "docker.io", "ghcr.io", "quay.io", "registry.k8s.io"
+    ]
+    assert config.default == PRESETS["docker.io"]
