@@ -28,14 +28,11 @@ from docxy.tls import ServerTLS, TLSConfigError, upstream_trust
 from docxy.tokens import CredentialsError, UpstreamAuth, read_credentials
 from docxy.upstream import UpstreamClient
 from docxy.upstreams import (
-    DEFAULT_UPSTREAM,
     ConfigFileError,
     FileSettings,
     Upstream,
-    build_upstream,
-    check_distinct,
+    assemble,
     check_url,
-    preset_for_url,
     read_config_file,
 )
 
@@ -301,42 +298,20 @@ docxy listens on tcp:8080."""
         """The upstreams and the default's name, from the configuration file, --registry
         and the single-registry options (which win).  Raises ConfigFileError."""
         settings = read_config_file(self["config"]) if self["config"] else FileSettings()
-        tables: dict[str, dict] = {name: dict(table) for name, table in settings.upstreams}
-        for value in self["registry"]:
-            name, sep, url = value.partition("=")
-            table = tables.setdefault(name.strip().lower(), {})
-            if sep:
-                try:
-                    table["url"] = check_url(f"--registry {name}", url.strip())
-                except ValueError as e:
-                    raise ConfigFileError(str(e)) from None
-        preset = preset_for_url(self["upstream"]) if self["upstream"] else None
-        default = (
-            (self["default-registry"] or "").lower()
-            or settings.default
-            or (preset.name if preset else DEFAULT_UPSTREAM)
-        )
-        table = tables.setdefault(default, {})
-        for option, key in (("upstream", "url"), ("upstream-ca", "ca"),
-                            ("upstream-credentials", "credentials"),
-                            ("auth-realm", "auth_realm"), ("auth-service", "auth_service")):
-            if self[option]:
-                table[key] = self[option]
+        overrides = {
+            key: self[option]
+            for option, key in (("upstream", "url"), ("upstream-ca", "ca"),
+                                ("upstream-credentials", "credentials"),
+                                ("auth-realm", "auth_realm"), ("auth-service", "auth_service"))
+            if self[option]
+        }
         if self.library is not None:
-            table["library"] = self.library
-        upstreams = []
-        for name, table in tables.items():
-            if self["mirror-mode"]:
-                table.setdefault("mirror_mode", True)
-            try:
-                upstreams.append(build_upstream(name, table))
-            except ValueError as e:
-                raise ConfigFileError(str(e)) from None
+            overrides["library"] = self.library
         try:
-            check_distinct(tuple(upstreams))
+            return assemble(settings, self["registry"], self["default-registry"], overrides,
+                            bool(self["mirror-mode"]))
         except ValueError as e:
             raise ConfigFileError(str(e)) from None
-        return tuple(upstreams), default
 
     def config(self) -> Config:
         upstreams, default = self.upstreams()

@@ -231,3 +231,37 @@ def check_distinct(upstreams: tuple[Upstream, ...]) -> None:
                 raise ValueError(
                     f"{claim[0]} {claim[1]!r} is claimed by both {other} and {u.name}"
                 )
+
+
+def assemble(
+    settings: FileSettings,
+    registries: list[str],
+    default: str | None,
+    overrides: dict,
+    mirror_mode: bool,
+) -> tuple[tuple[Upstream, ...], str]:
+    """The upstreams and the default's name from a configuration file's `settings`, the
+    `--registry` values (`NAME` or `NAME=URL`), `--default-registry`, and `overrides` of
+    the default upstream's settings from the single-registry options (which win).  An
+    `overrides` URL that is a preset's makes that preset the default.  ValueError says
+    what cannot be used."""
+    tables: dict[str, dict] = {name: dict(table) for name, table in settings.upstreams}
+    for value in registries:
+        name, sep, url = value.partition("=")
+        table = tables.setdefault(name.strip().lower(), {})
+        if sep:
+            table["url"] = check_url(f"--registry {name}", url.strip())
+    preset = preset_for_url(overrides["url"]) if "url" in overrides else None
+    default = (
+        (default or "").lower()
+        or settings.default
+        or (preset.name if preset else DEFAULT_UPSTREAM)
+    )
+    tables.setdefault(default, {}).update(overrides)
+    upstreams = []
+    for name, table in tables.items():
+        if mirror_mode:
+            table.setdefault("mirror_mode", True)
+        upstreams.append(build_upstream(name, table))
+    check_distinct(tuple(upstreams))
+    return tuple(upstreams), default

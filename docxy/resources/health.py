@@ -1,5 +1,5 @@
-"""`GET /health`: liveness, answered locally without asking the upstream, with the cache's
-size, free disk and counters when the cache is on (the metrics endpoint will read the same
+"""`GET /health`: liveness, answered locally without asking the upstream, with the
+registries mirrored and the cache's size, free disk and counters when the cache is on (the metrics endpoint will read the same
 counters)."""
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ class HealthResource(Resource):
     def render_GET(self, request) -> bytes:
         report: dict = {"status": "ok"}
         ctx = self._context
+        if ctx is not None:
+            report["registries"] = [u.name for u in ctx.config.upstreams]
+            report["default_registry"] = ctx.config.default_upstream
         if ctx is not None and ctx.blobs is not None:
             report["cache"] = cache_report(ctx.blobs, ctx.manifests)
         body = json.dumps(report).encode()

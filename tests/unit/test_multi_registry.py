@@ -214,3 +214,14 @@ def test_a_refused_blob_of_another_registry_is_not_served(tmp_path):
     status, headers, body = send(site, f"/v2/org/app/blobs/{LAYER_DIGEST}?ns=ghcr.io", BEARER)
     assert status == 401 and LAYER not in body
     assert b"/auth/token/ghcr.io" in headers[b"www-authenticate"][0]
+
+
+def test_health_lists_the_registries():
+    """/health says which registries are mirrored and which is the default."""
+    site, upstream, _ = make_site(config(), FakeUpstream(registries))
+    status, _, body = send(site, "/health")
+    report = json.loads(body)
+    assert status == 200 and report["status"] == "ok"
+    assert report["registries"] == ["docker.io", "ghcr.io"]
+    assert report["default_registry"] == "docker.io"
+    assert upstream.calls == []
