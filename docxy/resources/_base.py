@@ -8,6 +8,7 @@ import attrs
 from twisted.web.resource import Resource
 
 from docxy.config import Config
+from docxy.metrics import Metrics
 from docxy.proxy import RegistryProxy
 from docxy.selection import Selection, UpstreamTable
 
@@ -23,6 +24,7 @@ class Context:
     server_names: tuple[str, ...]
     blobs: object | None = None  # docxy.cache.blobs.BlobCache when the cache is on
     manifests: object | None = None  # docxy.cache.manifests.ManifestCache, likewise
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     def select(self, request, path: bytes) -> tuple[Selection, RegistryProxy]:
         """The upstream `request` is for (raises docxy.selection.NotMirrored).  A request

@@ -2,6 +2,7 @@
 scratch directory (so the checkout is not on sys.path and the installed plugin is used)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 import urllib.request
@@ -46,6 +47,10 @@ class Docxy:
         if "--no-cache" not in args and "--cache-dir" not in args:
             # never the real ~/.cache: each daemon of the suite has its own cache
             argv += ["--cache-dir", str(self.workdir / "cache")]
+        if os.environ.get("DOCXY_TEST_CHECKOUT"):
+            # developers: run the checkout's docxy without reinstalling it
+            checkout = str(Path(__file__).resolve().parents[2])
+            env = {**(env or {}), "PYTHONPATH": checkout}
         self.process = ManagedProcess(name, argv, self.workdir / f"{name}.log",
                                       env=env, cwd=self.workdir)
 
