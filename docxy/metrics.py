@@ -1,9 +1,28 @@
 """The daemon's Prometheus metrics: one registry per daemon (never the global one), built
 with the Context and served by `/metrics`.  Modules count through the `Metrics` object
-they are given; nothing here reads requests or does I/O."""
+they are given; the cache's own counters are read at scrape time, never copied."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# The request durations of a mirror run from a cached manifest (ms) to a large layer on a
+# slow link (minutes); the upstream's time to headers from ms to its header timeout.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+_UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def parse_ratelimit(value: bytes | str | None) -> int | None:
+    """The number in a `ratelimit-remaining` / `ratelimit-limit` value (Hub sends
+    `76;w=21600`), or None when there is none."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    match = re.match(r"\s*(\d+)\s*(?:[;,]|$)", value)
+    return int(match.group(1)) if match else None
 
 
 class Metrics:
@@ -15,3 +34,141 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.requests = Counter(
+            "docxy_requests",
+            "Requests answered, by endpoint (ping, token, manifest, blob, tags, health, "
+            "metrics, other) and status code",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "docxy_request_duration_seconds",
+            "Time from a request's arrival to its last byte sent, by endpoint",
+            ["endpoint"],
+            buckets=_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.sent_bytes = Counter(
+            "docxy_sent_bytes",
+            "Body bytes sent to clients, by where they came from: cache (stored content), "
+            "upstream (streamed from a registry, also through a cache download) or local "
+            "(docxy's own answers)",
+            ["source"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "docxy_upstream_response_seconds",
+            "Time until an upstream's response headers (redirects to a CDN included), by "
+            "registry",
+            ["registry"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_failures = Counter(
+            "docxy_upstream_failures",
+            "Upstream requests that got no answer (unreachable, timed out, connection "
+            "failed), by registry",
+            ["registry"],
+            registry=self.registry,
+        )
+        self.ratelimit_remaining = Gauge(
+            "docxy_upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream sent (Hub: pulls left in its window)",
+            ["registry"],
+            registry=self.registry,
+        )
+        self.ratelimit_limit = Gauge(
+            "docxy_upstream_ratelimit_limit",
+            "The last ratelimit-limit an upstream sent",
+            ["registry"],
+            registry=self.registry,
+        )
+
+    def count_request(self, endpoint: str, status: int, seconds: float, sent: int,
+                      source: str) -> None:
+        """One finished (or aborted) client request."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.request_seconds.labels(endpoint).observe(max(seconds, 0.0))
+        if sent:
+            self.sent_bytes.labels(source).inc(sent)
+
+    def upstream_answered(self, registry: str, seconds: float, headers) -> None:
+        """An upstream's response headers arrived after `seconds`; `headers` are the
+        response's (twisted Headers), read for the rate limit it reports."""
+        self.upstream_seconds.labels(registry).observe(max(seconds, 0.0))
+        for name, gauge in ((b"ratelimit-remaining", self.ratelimit_remaining),
+                            (b"ratelimit-limit", self.ratelimit_limit)):
+            value = parse_ratelimit(headers.getRawHeaders(name, [None])[0])
+            if value is not None:
+                gauge.labels(registry).set(value)
+
+    def upstream_failed(self, registry: str) -> None:
+        self.upstream_failures.labels(registry).inc()
+
+    def watch_cache(self, blobs, manifests) -> None:
+        """Export the cache's counters (docxy.cache), read at each scrape."""
+        self.registry.register(CacheCollector(blobs, manifests))
+
+
+class CacheCollector:
+    """The cache's own counters as Prometheus metrics, read when scraped (the scrape runs
+    in a thread: only plain attribute reads here, no I/O)."""
+
+    def __init__(self, blobs, manifests) -> None:
+        self._blobs = blobs
+        self._manifests = manifests
+
+    def collect(self):
+        blobs, manifests = self._blobs, self._manifests
+        store, stats = blobs.store, blobs.stats
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        hits = CounterMetricFamily("docxy_cache_hits", "Answers served from the cache, by kind",
+                                   labels=["kind"])
+        hits.add_metric(["blob"], stats.hits)
+        hits.add_metric(["manifest"], manifests.hits if manifests else 0)
+        yield hits
+        misses = CounterMetricFamily("docxy_cache_misses",
+                                     "Content fetched upstream into the cache, by kind",
+                                     labels=["kind"])
+        misses.add_metric(["blob"], stats.misses)
+        misses.add_metric(["manifest"], manifests.misses if manifests else 0)
+        yield misses
+        yield counter("docxy_cache_joined_downloads",
+                      "Blob requests that joined a download already running", stats.joined)
+        yield counter("docxy_cache_stale_serves",
+                      "Tags served from the cache while the upstream was down or refusing",
+                      manifests.stale if manifests else 0)
+        yield counter("docxy_cache_digest_mismatches",
+                      "Upstream blobs refused because their digest did not match",
+                      stats.digest_mismatches)
+        yield counter("docxy_cache_failed_downloads",
+                      "Blob downloads into the cache that did not complete", stats.failed_fills)
+        yield counter("docxy_cache_uncached_relays",
+                      "Blobs relayed without caching (no room on the disk or under the bound)",
+                      stats.uncached)
+        yield counter("docxy_cache_filled_bytes",
+                      "Bytes downloaded from upstreams into the cache", stats.bytes_from_upstream)
+        yield counter("docxy_cache_evictions", "Blobs evicted to stay under the size bound",
+                      store.stats.evictions)
+        yield counter("docxy_cache_evicted_bytes", "Bytes evicted to stay under the size bound",
+                      store.stats.evicted_bytes)
+        yield gauge("docxy_cache_size_bytes", "Bytes stored in the cache", store.total)
+        yield gauge("docxy_cache_entries", "Blobs and manifests stored in the cache", len(store))
+        if store.max_size is not None:
+            yield gauge("docxy_cache_max_size_bytes", "The cache's size bound", store.max_size)
+        yield gauge("docxy_upstream_fetches_in_flight",
+                    "Blob downloads from upstreams into the cache running now", blobs.filling())
+
+
+def metrics_resource(metrics: Metrics):
+    """prometheus-client's Twisted resource over this daemon's registry.  (It renders in
+    the reactor's thread pool; imported here so that importing docxy installs no reactor.)"""
+    from prometheus_client.twisted import MetricsResource
+
+    return MetricsResource(metrics.registry)

@@ -1,0 +1,89 @@
+"""Readiness: can docxy serve pulls right now?  Every upstream must answer `GET /v2/`
+(200 or 401) within a few seconds and the cache directory must take a new file.  One
+check runs at a time and its result is kept a few seconds, so probes never flood upstreams."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from docxy.answers import discard_body
+from docxy.flight import SingleFlight
+from docxy.upstream import UpstreamError
+
+log = Logger()
+
+REACHABLE = (200, 401)  # 401: the registry is up and asks for a token, as it should
+
+
+def cache_check(cache_dir: str | None) -> dict:
+    """Whether the cache directory takes a new file (one is made and removed)."""
+    if cache_dir is None:
+        return {"ok": True, "enabled": False}
+    try:
+        fd, path = tempfile.mkstemp(dir=cache_dir, prefix=".ready-")
+        os.close(fd)
+        os.unlink(path)
+    except OSError as e:
+        return {"ok": False, "enabled": True, "dir": cache_dir,
+                "error": e.strerror or type(e).__name__}
+    return {"ok": True, "enabled": True, "dir": cache_dir}
+
+
+def readiness_report(upstreams: dict[str, dict], cache: dict) -> dict:
+    """The report of one check: ready only if every part is."""
+    ready = cache["ok"] and all(u["ok"] for u in upstreams.values())
+    return {"status": "ready" if ready else "not ready", "ready": ready,
+            "upstreams": upstreams, "cache": cache}
+
+
+class Readiness:
+    def __init__(self, proxies: dict, cache_dir: str | None, reactor,
+                 timeout: float = 5.0, keep: float = 5.0) -> None:
+        """`proxies`: RegistryProxy by registry name; `timeout`: seconds an upstream has
+        to answer; `keep`: seconds a result is reused."""
+        self._proxies = proxies
+        self._cache_dir = cache_dir
+        self._reactor = reactor
+        self._timeout = timeout
+        self._keep = keep
+        self._flight = SingleFlight()
+        self._last: tuple[float, dict] | None = None
+
+    def check(self) -> defer.Deferred:
+        """A Deferred firing with the report (see readiness_report); never fails."""
+        if self._last is not None and self._reactor.seconds() - self._last[0] < self._keep:
+            return defer.succeed(self._last[1])
+        return self._flight.run("ready", self._run)
+
+    async def _run(self) -> dict:
+        names = list(self._proxies)
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self._upstream(self._proxies[n])) for n in names]
+        )
+        report = readiness_report(dict(zip(names, results)), cache_check(self._cache_dir))
+        self._last = (self._reactor.seconds(), report)
+        return report
+
+    async def _upstream(self, proxy) -> dict:
+        started = self._reactor.seconds()
+        d = defer.Deferred.fromCoroutine(proxy.ping(Headers()))
+        d.addTimeout(self._timeout, self._reactor)
+        try:
+            response = await d
+        except defer.TimeoutError:
+            return {"ok": False, "error": f"no answer within {self._timeout:g}s"}
+        except UpstreamError as e:
+            return {"ok": False, "error": e.message}
+        except Exception:
+            log.failure("readiness check of {name} failed", name=proxy.name)
+            return {"ok": False, "error": "check failed"}
+        discard_body(response)
+        seconds = round(self._reactor.seconds() - started, 3)
+        if response.code in REACHABLE:
+            return {"ok": True, "status": response.code, "seconds": seconds}
+        return {"ok": False, "status": response.code, "seconds": seconds,
+                "error": f"upstream answered {response.code}"}
