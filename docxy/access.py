@@ -134,6 +134,8 @@ class AccessGate:
         try:
             token = await self._proxy.auth.token(f"repository:{name}:pull")
         except UpstreamError:
+            if self._proxy.auth.token_service_down():
+                raise  # the upstream cannot be asked: an earlier yes stands
             return
         if token:
             headers.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
@@ -153,8 +155,12 @@ class AccessGate:
     async def _anyone_may_pull(self, route: Route) -> bool:
         name = upstream_name(route.name, self._proxy.library)
         headers = Headers({b"accept": [MANIFEST_ACCEPT]})
-        await self._add_anonymous_token(headers, name)
-        response = await self._proxy.pull(route, b"HEAD", headers, [], follow_redirects=False)
+        try:
+            await self._add_anonymous_token(headers, name)
+            response = await self._proxy.pull(route, b"HEAD", headers, [], follow_redirects=False)
+        except UpstreamError:
+            self._probed.pop(name, None)  # no answer is no knowledge: ask again next time
+            raise
         discard_body(response)
         if response.code in _YES:
             self.note_link(route)

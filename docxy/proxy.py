@@ -162,8 +162,8 @@ class RegistryProxy:
         if method == b"POST":
             body = urlencode(token_params(form or [], endpoint, library, _TOKEN_FORM, strip)).encode()
             headers.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
-            return await self._client.request(b"POST", endpoint.realm, headers, body)
+            return await self.auth.ask(b"POST", endpoint.realm, headers, body)
         params = token_params(query, endpoint, library, _TOKEN_PARAMS, strip)
         separator = "&" if "?" in endpoint.realm else "?"
         url = f"{endpoint.realm}{separator}{urlencode(params)}" if params else endpoint.realm
-        return await self._client.request(b"GET", url, headers)
+        return await self.auth.ask(b"GET", url, headers)

@@ -6,6 +6,12 @@ import re
 _SPEC = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
 UNSATISFIABLE = "unsatisfiable"
+_HUGE = 10**18  # beyond any blob; also what any longer number counts as
+
+
+def _number(digits: str) -> int:
+    # int() refuses more than 4300 digits: a header must not be able to raise here.
+    return int(digits) if len(digits) <= 18 else _HUGE
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
@@ -21,14 +27,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     if first == "" and last == "":
         return None
     if first == "":  # suffix: the last N bytes
-        n = int(last)
+        n = _number(last)
         if n == 0:
             return UNSATISFIABLE
         return max(size - n, 0), size
-    start = int(first)
+    start = _number(first)
     if start >= size:
         return UNSATISFIABLE
-    end = size if last == "" else min(int(last) + 1, size)
+    end = size if last == "" else min(_number(last) + 1, size)
     if end <= start:
         return None  # last < first: syntactically invalid, ignore
     return start, end

@@ -134,6 +134,7 @@ class BodyRelay(Protocol):
 def stream(request, response: IResponse, reactor, idle_timeout: float) -> BodyRelay:
     """Send `response`'s body to `request` (headers must already be set)."""
     length = response.length if isinstance(response.length, int) else None
+    request.docxy_source = "upstream"  # for the request log and docxy_sent_bytes
     relay = BodyRelay(request, reactor, idle_timeout, length)
     response.deliverBody(relay)
     return relay

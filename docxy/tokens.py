@@ -4,7 +4,9 @@ tokens docxy fetches for itself.
 The realm and service are learned from the upstream's own challenge (its `/v2/`, asked
 once, and every 401 relayed later), so any registry works without flags.  Mirror-mode
 tokens are cached per scope until they expire and shared by every client asking for that
-scope; concurrent misses make one token request.
+scope; concurrent misses make one token request.  Every request to the token service goes
+through `UpstreamAuth.ask`, which remembers whether it answered: while it is down, docxy
+lets clients in without a token so that cached public content is still served.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from docxy.challenge import parse_challenge
 from docxy.flight import SingleFlight
+from docxy.idle import IdleTimer
 from docxy.upstream import UpstreamClient, UpstreamError
 from docxy.upstreams import Upstream
 
@@ -28,6 +31,8 @@ log = Logger()
 MAX_TOKEN_ANSWER = 1024 * 1024
 DEFAULT_EXPIRES = 60  # the token spec's default for a missing expires_in
 EXPIRY_MARGIN = 10
+SMALL_BODY_IDLE = 60.0  # seconds a small upstream answer may stall before it is cut
+TOKEN_SERVICE_RETRY = 30.0  # seconds a token service found down is believed down
 
 
 class CredentialsError(Exception):
@@ -116,30 +121,48 @@ def parse_token_answer(body: bytes) -> tuple[str, int] | None:
 
 
 class _Collect(Protocol):
-    """Collects a small body, cutting the connection past `limit` bytes."""
+    """Collects a small body, cutting the connection past `limit` bytes or when it stalls
+    for `idle` seconds (with a reactor)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, reactor=None, idle: float = SMALL_BODY_IDLE) -> None:
         self.done: defer.Deferred[bytes] = defer.Deferred()
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
+        self._stalled = False
+        self._timer = IdleTimer(reactor, idle if reactor is not None else 0, self._idle)
+
+    def connectionMade(self) -> None:
+        self._timer.arm()
 
     def dataReceived(self, data: bytes) -> None:
+        self._timer.arm()
         self._size += len(data)
         if self._size > self._limit:
             self.transport.stopProducing()
             return
         self._chunks.append(data)
 
+    def _idle(self) -> None:
+        self._stalled = True
+        self.transport.stopProducing()
+
     def connectionLost(self, reason) -> None:
+        self._timer.disarm()
         if self._size > self._limit:
             self.done.errback(UpstreamError(502, "UNKNOWN", "upstream answer too large"))
+        elif self._stalled:
+            self.done.errback(UpstreamError(504, "UNAVAILABLE", "upstream answer stalled"))
         else:
             self.done.callback(b"".join(self._chunks))
 
 
-def read_small_body(response, limit: int = MAX_TOKEN_ANSWER) -> defer.Deferred[bytes]:
-    collector = _Collect(limit)
+def read_small_body(
+    response, limit: int = MAX_TOKEN_ANSWER, reactor=None, idle: float = SMALL_BODY_IDLE
+) -> defer.Deferred[bytes]:
+    """The whole (small) body; UpstreamError past `limit` bytes, or, given a reactor, when
+    it stalls for `idle` seconds."""
+    collector = _Collect(limit, reactor, idle)
     response.deliverBody(collector)
     return collector.done
 
@@ -159,6 +182,7 @@ class UpstreamAuth:
         self._endpoint: AuthEndpoint | None = None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._flights = SingleFlight()
+        self._down_until: float | None = None  # the token service failed; believed down till
 
     # --- where the token service is -------------------------------------------------------
     def learn(self, header: bytes) -> None:
@@ -189,10 +213,61 @@ class UpstreamAuth:
     async def _discover(self) -> None:
         url = f"{self._upstream.base}/v2/"
         response = await self._client.request(b"GET", url, Headers())
-        await read_small_body(response)
+        await read_small_body(response, reactor=self._reactor)
         header = response.headers.getRawHeaders(b"www-authenticate", [None])[0]
         if header is not None:
             self.learn(header)
+
+    # --- the token service's health ------------------------------------------------------
+    async def ask(self, method: bytes, url: str, headers: Headers, body: bytes | None = None):
+        """Send one request to the token service (the answer's body is the caller's),
+        remembering whether it answered: unreachable, silent or 5xx counts as down."""
+        try:
+            response = await self._client.request(method, url, headers, body)
+        except UpstreamError as e:
+            self._service_failed(e.message)
+            raise UpstreamError(e.status, e.code, f"the upstream token service: {e.message}") from None
+        if response.code >= 500:
+            self._service_failed(f"it answered {response.code}")
+        else:
+            self._down_until = None
+        return response
+
+    def _service_failed(self, why: str) -> None:
+        if self._down_until is None:
+            log.warn("the token service of {name} is down ({why})", name=self._upstream.name, why=why)
+        self._down_until = self._reactor.seconds() + TOKEN_SERVICE_RETRY
+
+    def token_service_down(self) -> bool:
+        """Whether the token service failed within the last TOKEN_SERVICE_RETRY seconds."""
+        return self._down_until is not None and self._reactor.seconds() < self._down_until
+
+    async def check_token_service(self) -> bool:
+        """Whether the token service is down: False at no cost unless it failed before;
+        once TOKEN_SERVICE_RETRY seconds have passed since, it is asked again (one request
+        for all callers)."""
+        if self._down_until is None:
+            return False
+        if self.token_service_down():
+            return True
+        return await self._flights.run("token-service", self._probe)
+
+    async def _probe(self) -> bool:
+        endpoint = await self.endpoint()
+        if endpoint is None:
+            self._down_until = None
+            return False
+        query = urlencode([("service", endpoint.service)]) if endpoint.service else ""
+        separator = "&" if "?" in endpoint.realm else "?"
+        try:
+            response = await self.ask(
+                b"GET", f"{endpoint.realm}{separator}{query}" if query else endpoint.realm, Headers()
+            )
+            await read_small_body(response, reactor=self._reactor)
+        except UpstreamError as e:
+            self._service_failed(e.message)
+            return True
+        return self.token_service_down()
 
     # --- mirror mode: docxy's own tokens --------------------------------------------------
     def forget(self, scope: str) -> None:
@@ -219,8 +294,8 @@ class UpstreamAuth:
             query.append(("account", self._credentials[0]))
         separator = "&" if "?" in endpoint.realm else "?"
         url = f"{endpoint.realm}{separator}{urlencode(query)}"
-        response = await self._client.request(b"GET", url, headers)
-        body = await read_small_body(response)
+        response = await self.ask(b"GET", url, headers)
+        body = await read_small_body(response, reactor=self._reactor)
         if response.code != 200:
             log.warn(
                 "token service refused docxy's token request for {scope}: {status}",

@@ -2,7 +2,9 @@
 
 It owns the connection pool, upstream TLS trust, the connect and header timeouts, and
 redirect following (a blob GET on Hub answers 307 to a CDN): `Authorization` is dropped on
-every hop to another origin, and the redirect target is never shown to the client.
+every hop to another origin, and the redirect target is never shown to the client.  A
+signed CDN URL that is refused (expired) makes docxy ask the registry once more for a fresh
+one.
 Bodies are not read here: the caller streams them (see `docxy.relay`).
 """
 from __future__ import annotations
@@ -15,7 +17,6 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
     RequestNotSent,
@@ -26,8 +27,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from docxy.headers import without_authorization
+from docxy.tls import ReusedContextPolicy
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+# What a CDN answers to a signed URL that expired (S3 and CloudFront 403, GCS 400, some 410).
+EXPIRED_CODES = frozenset({400, 401, 403, 410})
 _MAX_DISCARD = 64 * 1024
 
 log = Logger()
@@ -77,7 +81,7 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = 90
         self._agent = Agent(
             reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root),
+            contextFactory=ReusedContextPolicy(trust_root),
             connectTimeout=connect_timeout,
             pool=self.pool,
         )
@@ -92,12 +96,35 @@ class UpstreamClient:
     ) -> IResponse:
         """Send a request and answer with the final response (headers only; the body is
         the caller's to read).  Raises UpstreamError when no response can be had."""
+        response, where = await self._follow(method, url, headers, body, follow_redirects)
+        if not _expired_elsewhere(response, where, url) or method not in (b"GET", b"HEAD"):
+            return response
+        # A signed URL from the registry, refused by another host: it expired before it
+        # was used (or the clocks disagree).  The registry signs a fresh one; ask once more.
+        response.deliverBody(_Discard())
+        log.info("{host} refused a redirected download with {status}; asking the registry again",
+                 host=origin(where)[1], status=response.code)
+        response, where = await self._follow(method, url, headers, body, follow_redirects)
+        if _expired_elsewhere(response, where, url):
+            response.deliverBody(_Discard())
+            log.warn("{host} refused a fresh redirect too ({status})",
+                     host=origin(where)[1], status=response.code)
+            raise UpstreamError(
+                502, "UNAVAILABLE", "the registry's storage refused the download twice"
+            )
+        return response
+
+    async def _follow(
+        self, method: bytes, url: str, headers: Headers, body: bytes | None,
+        follow_redirects: bool,
+    ) -> tuple[IResponse, str]:
+        """The final response of `url` after redirects, and the URL that gave it."""
         current = url
         for _ in range(self._max_redirects + 1):
             response = await self._once(method, current, headers, body)
             location = response.headers.getRawHeaders(b"location", [None])[0]
             if not follow_redirects or response.code not in REDIRECT_CODES or not location:
-                return response
+                return response, current
             response.deliverBody(_Discard())
             target = urljoin(current, location.decode("latin-1"))
             if urlsplit(target).scheme not in ("http", "https"):
@@ -127,7 +154,7 @@ class UpstreamClient:
         except error.TimeoutError:
             raise UpstreamError(504, "UNAVAILABLE", "upstream connection timed out") from None
         except (error.ConnectError, error.DNSLookupError) as e:
-            log.warn("upstream {host} unreachable: {err}", host=origin(url)[1], err=e)
+            log.warn("upstream {host} unreachable: {err}", host=origin(url)[1], err=str(e))
             raise UpstreamError(502, "UNAVAILABLE", "upstream unreachable") from None
         except (ResponseFailed, RequestTransmissionFailed, RequestNotSent) as e:
             reasons = "; ".join(str(r.value) for r in getattr(e, "reasons", []))
@@ -138,3 +165,13 @@ class UpstreamClient:
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
+
+
+def _expired_elsewhere(response: IResponse, where: str, asked: str) -> bool:
+    """Another origin than the one asked refused a redirected request the way an expired
+    signed URL is refused (a challenge is not that: it is for the client to answer)."""
+    return (
+        response.code in EXPIRED_CODES
+        and origin(where) != origin(asked)
+        and not response.headers.hasHeader(b"www-authenticate")
+    )

@@ -1,12 +1,15 @@
 """Blob answers through the cache: a hit is served from disk, a blob already downloading
 is followed as its bytes arrive, and a miss starts the one upstream download that every
-later client follows.
+later client follows.  A blob that does not fit on the disk (or in `--cache-max-size`) is
+relayed uncached, and so is every new one for a while after a write found the disk full.
 
 The store is shared by every upstream: a blob is kept once by its digest, whichever
 registry it came from.  Cached content of a repository is served only to a client that
 repository's upstream would serve it to: its `docxy.access.AccessGate` asks (see there).
 """
 from __future__ import annotations
+
+import errno
 
 import attrs
 from twisted.internet import defer
@@ -24,6 +27,10 @@ from docxy.relay import request_gone
 
 log = Logger()
 
+DISK_RESERVE = 64 * 1024 * 1024  # free space a new blob must leave to the file system
+FULL_BACKOFF = 60.0  # seconds nothing new is cached after a write found the disk full
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 @attrs.define
 class CacheStats:
@@ -34,6 +41,7 @@ class CacheStats:
     bytes_from_upstream: int = 0
     digest_mismatches: int = 0
     failed_fills: int = 0
+    uncached: int = 0  # relayed without caching: no room on the disk or under the bound
 
 
 class BlobCache:
@@ -45,6 +53,7 @@ class BlobCache:
         self._idle_timeout = idle_timeout
         self._threaded = threaded_fills  # hash and write in a thread (off in memory tests)
         self._fills: dict[str, Fill] = {}
+        self._full_until = 0.0  # a write found the disk full: relay uncached until then
         # digest -> clients waiting while one of them asks the upstream for it
         self._starting: dict[str, list[defer.Deferred]] = {}
 
@@ -68,10 +77,9 @@ class BlobCache:
         if fill is not None:
             self.stats.joined += 1
             self._serve(request, digest, fill)
-        elif self.store.has(digest):
+        elif self._serve(request, digest, None):
             self.stats.hits += 1
-            self._serve(request, digest, None)
-        else:  # evicted while we asked the upstream: fetch it again
+        else:  # evicted (or its file removed) while we asked the upstream: fetch it again
             await self._miss(request, proxy, route, realm)
 
     async def _miss(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
@@ -108,43 +116,88 @@ class BlobCache:
             discard_body(response)
             await self.answer(request, proxy, route, realm)
             return
+        why_not = self._no_room(response.length)
+        if why_not is None:
+            try:
+                fill = Fill(self.store, digest, response.length, self._reactor,
+                            self._idle_timeout, on_end=self._fill_ended, threaded=self._threaded)
+            except OSError as e:
+                self._note_write_error(e)
+                why_not = f"cannot write to the cache: {e.strerror or e}"
+        if why_not is not None:
+            self._relay_uncached(request, response, digest, why_not)
+            return
         self.stats.misses += 1
-        fill = Fill(self.store, digest, response.length, self._reactor, self._idle_timeout,
-                    on_end=self._fill_ended, threaded=self._threaded)
         proxy.access.note_allowed(route, request.requestHeaders)
         proxy.access.learn_publicity(route)
         self._fills[digest] = fill
+        # Opened before the body flows: a small body may end (and, if it cannot be stored,
+        # vanish) within deliverBody.
+        handle = None if request_gone(request) else fill.open_for_reading()
         response.deliverBody(fill)
-        if not request_gone(request):
-            self._serve(request, digest, fill)
+        if handle is not None:
+            self._serve(request, digest, fill, handle)
+
+    def _no_room(self, length: int) -> str | None:
+        """Why a blob of `length` bytes cannot be cached now, or None if it can."""
+        if self._reactor.seconds() < self._full_until:
+            return "the cache's disk was full a moment ago"
+        if self.store.max_size is not None and length > self.store.max_size:
+            return "larger than --cache-max-size"
+        free = self.store.free_bytes()
+        if free is None:
+            return None  # cannot tell: try, and fail cleanly if the disk says no
+        pending = sum(max((f.length or 0) - f.written, 0) for f in self._fills.values())
+        if free - pending < length + DISK_RESERVE:
+            return f"not enough free disk space ({free} bytes free, {pending} promised)"
+        return None
+
+    def _relay_uncached(self, request, response, digest: str, why: str) -> None:
+        self.stats.uncached += 1
+        log.warn("relaying {digest} uncached: {why}", digest=digest, why=why)
+        if not response.headers.hasHeader(b"docker-content-digest"):
+            response.headers.setRawHeaders(b"docker-content-digest", [digest.encode("ascii")])
+        relay(request, response, self._reactor, self._idle_timeout, None)
+
+    def _note_write_error(self, error: OSError | None) -> None:
+        if error is not None and error.errno in _DISK_FULL:
+            self._full_until = self._reactor.seconds() + FULL_BACKOFF
+            log.warn("the cache's disk is full; new blobs are relayed uncached for {secs}s",
+                     secs=FULL_BACKOFF)
 
     def _fill_ended(self, fill: Fill) -> None:
         self._fills.pop(fill.digest, None)
         self.stats.bytes_from_upstream += fill.written
+        self._note_write_error(fill.write_error)
         if fill.state != "complete":
             self.stats.failed_fills += 1
             if fill.reason.startswith("digest mismatch"):
                 self.stats.digest_mismatches += 1
 
-    def _serve(self, request, digest: str, fill: Fill | None) -> None:
-        if request_gone(request):
-            return
-        if fill is not None and fill.state == FAILED:
-            # It ended (in this very call stack, for a small body) and was not whole.
-            send_error(request, 502, "BLOB_UNKNOWN", "the upstream blob failed verification")
-            return
-        if fill is not None and fill.state == COMPLETE:
-            fill = None  # already in the store
+    def _serve(self, request, digest: str, fill: Fill | None, handle=None) -> bool:
+        """Answer from the store (fill None) or from a download; False, with nothing
+        answered, when the stored file is gone.  `handle`: the download's file, opened."""
+        if request_gone(request) or (fill is not None and fill.state == FAILED):
+            if handle is not None:
+                handle.close()
+            if not request_gone(request):
+                # It ended (in this very call stack, for a small body) and was not whole.
+                send_error(request, 502, "BLOB_UNKNOWN", "the upstream blob failed verification")
+            return True
+        if fill is not None and fill.state == COMPLETE and handle is None:
+            fill = None  # already in the store (or, if it could not be stored, a miss)
         if fill is None:
             size = self.store.size_of(digest)
             handle = self.store.acquire(digest)
             if handle is None or size is None:
-                send_error(request, 404, "BLOB_UNKNOWN", "blob unknown to the cache")
-                return
+                if handle is not None:
+                    handle.close()
+                    self.store.release(digest)
+                return False
             release = lambda: self.store.release(digest)  # noqa: E731
         else:
             size = fill.length or 0
-            handle = fill.open_for_reading()
+            handle = handle or fill.open_for_reading()
             release = lambda: None  # noqa: E731
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"docker-content-digest", digest.encode("ascii"))
@@ -158,7 +211,7 @@ class BlobCache:
             request.setHeader(b"content-range", b"bytes */%d" % size)
             request.setHeader(b"content-length", b"0")
             request.finish()
-            return
+            return True
         start, end = wanted if wanted is not None else (0, size)
         if wanted is not None:
             request.setResponseCode(206)
@@ -168,7 +221,7 @@ class BlobCache:
             handle.close()
             release()
             request.finish()
-            return
+            return True
 
         def closed() -> None:
             release()
@@ -177,3 +230,4 @@ class BlobCache:
 
         follower = FileFollower(request, handle, start, end, fill, on_close=closed)
         follower.start()
+        return True

@@ -4,7 +4,9 @@
 file and hashes it; clients follow the file as it grows (follow.py), each at its own pace,
 so the download is never held back by the slowest client and memory does not grow.  When
 the body ends, the blob enters the store only if its length is whole and its digest
-matches; otherwise the partial file is deleted and every follower is aborted.
+matches; otherwise the partial file is deleted and every follower is aborted.  A verified
+blob that cannot be stored (its directory removed, the disk full) still reaches the
+followers, who read it through their own descriptors, and is not cached.
 """
 from __future__ import annotations
 
@@ -120,12 +122,21 @@ class Fill(Protocol):
         self.digest = digest
         self.length = length
         self.path, self._file = store.new_partial(digest)
-        # Followers read through their own descriptor, which stays valid across the
-        # rename into the store (or the unlink of a failed download).
+        # Followers read through their own descriptor (a duplicate of this one), which
+        # stays valid across the rename into the store, the unlink of a failed download,
+        # or the removal of the whole directory.
+        try:
+            self._reader = open(self.path, "rb")
+        except OSError:
+            self._file.close()
+            store.discard(digest, self.path)
+            raise
         self.state = FILLING
         self.received = 0  # from the upstream
         self.written = 0  # on disk and hashed: what followers may read
         self.reason = ""
+        self.write_error: OSError | None = None  # why the partial file could not be written
+        self.stored = False  # entered into the store
         self._listeners: list[Callable[[], None]] = []
         self._timer = IdleTimer(reactor, idle_timeout, self._idle)
         self._on_end = on_end
@@ -142,7 +153,7 @@ class Fill(Protocol):
 
     # --- followers ----------------------------------------------------------------------
     def open_for_reading(self):
-        return open(self.path, "rb")
+        return os.fdopen(os.dup(self._reader.fileno()), "rb")
 
     def listen(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
@@ -191,6 +202,7 @@ class Fill(Protocol):
 
     def _sink_failed(self, error: OSError) -> None:
         self._sink_broken = True
+        self.write_error = error
         self.reason = f"cannot write to the cache: {error.strerror}"
         if self._ended is None and self.transport is not None:
             self.transport.stopProducing()
@@ -210,6 +222,7 @@ class Fill(Protocol):
             return
         reason = self._ended
         self._file.close()
+        self._reader.close()  # followers hold their own duplicates
         ended = reason.check(ResponseDone) is not None or (
             reason.check(PotentialDataLoss) is not None and self.length is None
         )
@@ -228,8 +241,16 @@ class Fill(Protocol):
         else:
             self.state = COMPLETE
             self.length = self.written
-            self.path = self.store.commit(self.digest, self.path, self.written)
-            log.info("cached {digest} ({size} bytes)", digest=self.digest, size=self.written)
+            try:
+                self.path = self.store.commit(self.digest, self.path, self.written)
+            except OSError as e:
+                # Followers read through their own descriptors: they still get it whole.
+                self.write_error = e
+                log.warn("verified {digest} but could not store it: {err}",
+                         digest=self.digest, err=e.strerror or str(e))
+            else:
+                self.stored = True
+                log.info("cached {digest} ({size} bytes)", digest=self.digest, size=self.written)
         self._on_end(self)
         self._notify()
         self._listeners.clear()

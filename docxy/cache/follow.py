@@ -48,6 +48,8 @@ class FileFollower:
         self.sent = 0
 
     def start(self) -> None:
+        # for the request log: bytes still arriving from upstream, or stored ones
+        self._request.docxy_source = "upstream" if self._fill is not None else "cache"
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(lambda _: self._close())
         if self._fill is not None:

@@ -4,7 +4,9 @@ A manifest by digest is immutable: once stored (verified), it is served without 
 upstream for content.  A tag is resolved by a HEAD upstream (free on Hub) with the client's
 own credential and Accept, and its manifest is served from the cache when the digest is
 known; `--tag-ttl` skips even that HEAD for a while.  When the upstream is unreachable,
-answers 5xx or rate-limits, the last known digest of a tag is served (stale).
+answers 5xx or rate-limits (or its token service is down), the last known digest of a tag
+is served (stale).  A manifest larger than MAX_MANIFEST is refused and never stored; one
+that cannot be written (disk full) is served uncached.
 Manifest bytes live in the blob store (one copy per digest, whatever asked for it); their
 media type and the tag map live beside it, under `manifests/` and `tags/<upstream>/`.
 """
@@ -70,10 +72,12 @@ class ManifestCache:
         store: BlobStore,
         reactor,
         tag_ttl: float = 0.0,
+        idle_timeout: float = 60.0,
     ) -> None:
         self.store = store
         self._reactor = reactor
         self._tag_ttl = tag_ttl
+        self._idle_timeout = idle_timeout
         self._types = store.root / "manifests"
         self._tags = store.root / "tags"
         self._types.mkdir(parents=True, exist_ok=True)
@@ -105,14 +109,26 @@ class ManifestCache:
 
     def _remember_tag(self, upstream: str, name: str, tag: str, digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
-        _atomic_write(self._tag_path(upstream, name, tag), json.dumps(entry).encode())
+        try:
+            _atomic_write(self._tag_path(upstream, name, tag), json.dumps(entry).encode())
+        except OSError as e:
+            log.warn("cannot remember tag {name}:{tag}: {err}", name=name, tag=tag, err=e.strerror or str(e))
 
-    def _put(self, digest: str, body: bytes, media_type: str) -> None:
-        path, f = self.store.new_partial(digest)
-        with f:
-            f.write(body)
-        _atomic_write(self._type_path(digest), media_type.encode())
-        self.store.commit(digest, path, len(body))
+    def _put(self, digest: str, body: bytes, media_type: str) -> bool:
+        """Store a verified manifest; False (nothing stored) when the disk says no."""
+        path = None
+        try:
+            path, f = self.store.new_partial(digest)
+            with f:
+                f.write(body)
+            _atomic_write(self._type_path(digest), media_type.encode())
+            self.store.commit(digest, path, len(body))
+        except OSError as e:
+            if path is not None:
+                self.store.discard(digest, path)
+            log.warn("serving manifest {digest} uncached: {err}", digest=digest, err=e.strerror or str(e))
+            return False
+        return True
 
     def _read(self, digest: str) -> bytes | None:
         handle = self.store.acquire(digest)
@@ -147,7 +163,7 @@ class ManifestCache:
             response = await proxy.pull(route, b"HEAD", request.requestHeaders, [])
             relay(request, response, self._reactor, 0, realm)
             return
-        await self._fetch(request, proxy, route, realm, expected=digest)
+        await self._fetch(request, proxy, route, realm)
 
     async def _by_tag(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
         name = upstream_name(route.name, proxy.library)
@@ -168,13 +184,16 @@ class ManifestCache:
                 return
             raise
         digest = (head.headers.getRawHeaders(b"docker-content-digest", [b""])[0]).decode("latin-1")
+        stale_why = f"upstream answered {head.code}" if head.code in STALE_STATUSES else None
+        if head.code == 401 and usable and proxy.auth.token_service_down():
+            stale_why = "the upstream's token service is down"  # no client can get a token
         if (
-            head.code in STALE_STATUSES
+            stale_why is not None
             and usable
             and proxy.access.was_allowed(route, request.requestHeaders)
         ):
             discard_body(head)
-            self._serve_stale(request, route, entry, f"upstream answered {head.code}")
+            self._serve_stale(request, route, entry, stale_why)
             return
         media_type = self.media_type(digest) if digest and self.store.has(digest) else None
         if request.method == b"HEAD" and (head.code != 200 or media_type is None):
@@ -187,7 +206,7 @@ class ManifestCache:
         if head.code != 200 or media_type is None:
             # A GET: fetch it (an error is then relayed with the upstream's own body).
             discard_body(head)
-            await self._fetch(request, proxy, route, realm, expected=digest or None)
+            await self._fetch(request, proxy, route, realm)
             return
         discard_body(head)
         self._note_served(proxy, route, request, digest)
@@ -195,17 +214,25 @@ class ManifestCache:
             self.hits += 1
             self._remember_tag(proxy.name, name, route.reference, digest, media_type)
             return
-        await self._fetch(request, proxy, route, realm, expected=digest)
+        await self._fetch(request, proxy, route, realm)
 
-    async def _fetch(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None, expected: str | None) -> None:
-        """GET the manifest upstream, verify it, store it, answer it."""
+    async def _fetch(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+        """GET the manifest upstream, verify it, store it, answer it.  By digest, the body
+        must have that digest; by tag, it must have the digest the GET announces (the
+        HEAD's is only a hint: the tag may have moved in between)."""
+        expected = route.reference if route.is_digest else None
         response = await proxy.pull(route, b"GET", request.requestHeaders, [])
         if response.code != 200:
-            relay(request, response, self._reactor, 0, realm)
+            relay(request, response, self._reactor, self._idle_timeout, realm)
             return
+        if isinstance(response.length, int) and response.length > MAX_MANIFEST:
+            discard_body(response)
+            raise ManifestTooLarge()
         try:
-            body = await read_small_body(response, MAX_MANIFEST)
-        except UpstreamError:
+            body = await read_small_body(response, MAX_MANIFEST, self._reactor, self._idle_timeout)
+        except UpstreamError as e:
+            if e.status == 504:
+                raise
             raise ManifestTooLarge() from None
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         announced = response.headers.getRawHeaders(b"docker-content-digest", [b""])[0].decode("latin-1")
@@ -223,8 +250,7 @@ class ManifestCache:
         ).decode("latin-1")
         self.misses += 1
         proxy.access.learn_publicity(self._note_served(proxy, route, request, digest))
-        self._put(digest, body, media_type)
-        if not route.is_digest:
+        if self._put(digest, body, media_type) and not route.is_digest:
             name = upstream_name(route.name, proxy.library)
             self._remember_tag(proxy.name, name, route.reference, digest, media_type)
         self._send(request, digest, media_type, body, response.headers)
@@ -258,6 +284,7 @@ class ManifestCache:
     def _send(self, request, digest: str, media_type: str, body: bytes, upstream: Headers | None = None) -> None:
         if request_gone(request):
             return
+        request.docxy_source = "cache" if upstream is None else "upstream"  # request log
         request.setResponseCode(200)
         if upstream is not None:
             for name in (b"ratelimit-limit", b"ratelimit-remaining", b"docker-ratelimit-source"):

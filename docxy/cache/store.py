@@ -3,7 +3,8 @@
 Layout under the root: `blobs/sha256/<2 hex>/<hex>` holds only complete, verified content,
 entered by an atomic rename; `partial/` holds downloads in progress and is emptied at start,
 so nothing partial is ever served.  Eviction is least-recently-used and never removes a
-blob that a client is reading or that is being filled.
+blob that a client is reading or that is being filled.  A directory removed underneath a
+running daemon is recreated, and entries whose files are gone are forgotten.
 """
 from __future__ import annotations
 
@@ -44,9 +45,12 @@ class BlobStore:
         self.total = 0
         self._open()
 
-    def _open(self) -> None:
+    def _ensure_dirs(self) -> None:
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._partial.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        self._ensure_dirs()
         removed = 0
         for leftover in self._partial.iterdir():
             leftover.unlink(missing_ok=True)
@@ -75,7 +79,24 @@ class BlobStore:
         return self._entries.get(digest)
 
     def has(self, digest: str) -> bool:
-        return digest in self._entries
+        """Stored: known and its file still there (an entry whose file was removed
+        underneath us is forgotten)."""
+        if digest not in self._entries:
+            return False
+        if self.path(digest).exists():
+            return True
+        log.warn("{digest} vanished from the cache directory; forgetting it", digest=digest)
+        self._forget(digest)
+        return False
+
+    def free_bytes(self) -> int | None:
+        """Free space for an unprivileged writer on the cache's file system (None when it
+        cannot be told)."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def acquire(self, digest: str):
         """Open a stored blob for reading and mark it used; None if it is not stored (or
@@ -100,18 +121,36 @@ class BlobStore:
 
     # --- writing ------------------------------------------------------------------------
     def new_partial(self, digest: str) -> tuple[Path, object]:
-        """A fresh partial file for a download of `digest`, opened for writing."""
+        """A fresh partial file for a download of `digest`, opened for writing.  Raises
+        OSError when none can be made (disk full, permissions)."""
         _, hex_part = _digest_parts(digest)
-        fd, name = tempfile.mkstemp(prefix=hex_part[:16] + ".", dir=self._partial)
+        try:
+            fd, name = tempfile.mkstemp(prefix=hex_part[:16] + ".", dir=self._partial)
+        except FileNotFoundError:
+            self._recreate()
+            fd, name = tempfile.mkstemp(prefix=hex_part[:16] + ".", dir=self._partial)
         self._pinned.add(digest)
         return Path(name), os.fdopen(fd, "wb")
 
+    def _recreate(self) -> None:
+        """The cache directory (or part of it) was removed while we run: make it again and
+        forget every entry whose file went with it."""
+        log.warn("cache directory {root} was removed; recreating it", root=str(self.root))
+        self._ensure_dirs()
+        for digest in [d for d in self._entries if not self.path(d).exists()]:
+            self._forget(digest)
+
     def commit(self, digest: str, partial: Path, size: int) -> Path:
-        """Enter a verified download into the store (atomically) and evict if needed."""
+        """Enter a verified download into the store (atomically) and evict if needed.
+        Raises OSError (the partial file is then gone) when it cannot be stored."""
         self._pinned.discard(digest)
         target = self.path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
         if digest not in self._entries:
             self.total += size
         self._entries[digest] = size

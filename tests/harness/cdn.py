@@ -5,7 +5,9 @@ blobs/sha256/<ab>/<hex>/data`; nginx serves that path from the storage root dire
 Range support, and logs each request as JSON including `auth=yes/no` (never the value).
 
 `restart(mode=...)` makes it misbehave: "ok", "slow" (rate-limited to `slow_rate`), "error"
-(503), "missing" (404), "corrupt" (same length, one byte flipped in every blob). A connection
+(503), "missing" (404), "corrupt" (same length, one byte flipped in every blob),
+"expire-first" (403 to the first request for each path, as to a signed URL that expired,
+then served: harness.expirygate keeps the state), "forbidden" (403 always). A connection
 cut mid-body is `stop()` during a transfer.
 """
 
@@ -13,14 +15,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from .nginx import NginxProcess
 from .pki import ServerCert
-from .procs import free_port
+from .procs import ManagedProcess, free_port, wait_for_port
 
-CdnMode = Literal["ok", "slow", "error", "missing", "corrupt"]
+CdnMode = Literal["ok", "slow", "error", "missing", "corrupt", "expire-first", "forbidden"]
 
 
 class Cdn:
@@ -38,6 +41,8 @@ class Cdn:
         self.mode: CdnMode = mode
         self.slow_rate = slow_rate
         self.nginx = NginxProcess("cdn-nginx", self.workdir, self.port, "", interface)
+        self.gate_port = free_port()
+        self.gate: ManagedProcess | None = None  # harness.expirygate, in "expire-first"
 
     @property
     def url(self) -> str:
@@ -55,6 +60,10 @@ class Cdn:
             return "return 404;"
         if self.mode == "corrupt":
             return f"root {self._corrupt_tree()};"
+        if self.mode == "expire-first":
+            return f"auth_request /_gate; root {self.storage_dir};"
+        if self.mode == "forbidden":
+            return 'return 403 "signature expired\\n";'
         raise ValueError(f"unknown CDN mode {self.mode!r}")
 
     def _corrupt_tree(self) -> Path:
@@ -86,18 +95,38 @@ class Cdn:
         location /docker/ {{
             {self._location()}
         }}
+        location = /_gate {{
+            internal;
+            proxy_pass http://127.0.0.1:{self.gate_port}/check;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+        }}
         location / {{ return 404; }}
     }}
 """
 
     def start(self, timeout: float = 30.0) -> "Cdn":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.mode == "expire-first":
+            self._start_gate(timeout)
         self.nginx.http_body = self._http_body()
         self.nginx.start(timeout)
         return self
 
+    def _start_gate(self, timeout: float) -> None:
+        tests_dir = str(Path(__file__).resolve().parent.parent)
+        self.gate = ManagedProcess(
+            "cdn-gate", [sys.executable, "-m", "harness.expirygate", "--port", str(self.gate_port)],
+            self.workdir / "gate.log", env={"PYTHONPATH": tests_dir})
+        self.gate.start()
+        wait_for_port("127.0.0.1", self.gate_port, timeout, self.gate)
+
     def stop(self) -> None:
         self.nginx.stop()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
 
     def running(self) -> bool:
         return self.nginx.running()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import signal
 import threading
@@ -15,7 +14,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from harness.daemon import Docxy
+from harness.daemon import Docxy, cached_blob, mirror_args
 from harness.procs import poll_until
 
 pytestmark = pytest.mark.integration
@@ -30,20 +29,8 @@ MANIFEST_ACCEPT = ", ".join([
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _args(upstream, cache: Path, *extra: str) -> list[str]:
-    return ["--upstream", upstream.registry_url, "--upstream-ca", str(upstream.ca_path),
-            "--library", "--cache-dir", str(cache), *extra]
 
 
-def _request(docxy: Docxy, path: str, headers: dict | None = None, method: str = "GET",
-             timeout: float = 60) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", docxy.port, timeout=timeout)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
 
 
 def _token(docxy: Docxy, repository: str, creds: tuple[str, str] | None = None) -> str:
@@ -51,7 +38,7 @@ def _token(docxy: Docxy, repository: str, creds: tuple[str, str] | None = None) 
     if creds:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
     query = urlencode({"scope": f"repository:{repository}:pull"})
-    status, _, body = _request(docxy, f"/auth/token?{query}", headers)
+    status, _, body = docxy.request(f"/auth/token?{query}", headers)
     assert status == 200, f"token for {repository}: {status} {body[:200]!r}"
     return json.loads(body)["token"]
 
@@ -61,7 +48,7 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 def _pull_blob(docxy: Docxy, name: str, digest: str, token: str) -> bytes:
-    status, headers, body = _request(docxy, f"/v2/{name}/blobs/{digest}", _bearer(token))
+    status, headers, body = docxy.request(f"/v2/{name}/blobs/{digest}", _bearer(token))
     assert status == 200, f"GET {name}@{digest}: {status} {body[:200]!r}"
     assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
     return body
@@ -70,30 +57,8 @@ def _pull_blob(docxy: Docxy, name: str, digest: str, token: str) -> bytes:
 def _stream_blob(docxy: Docxy, name: str, digest: str, token: str, out: dict,
                  pause: float = 0.0, go_fast: threading.Event | None = None,
                  chunk: int = 64 * 1024) -> None:
-    """GET a blob reading `chunk` bytes at a time, sleeping `pause` between reads until
-    `go_fast` is set; records status, bytes read, the digest or the exception in `out`."""
-    h = hashlib.sha256()
-    out["read"] = 0
-    conn = http.client.HTTPConnection("127.0.0.1", docxy.port, timeout=120)
-    try:
-        conn.request("GET", f"/v2/{name}/blobs/{digest}", headers=_bearer(token))
-        response = conn.getresponse()
-        out["status"] = response.status
-        while data := response.read(chunk):
-            h.update(data)
-            out["read"] += len(data)
-            if pause and not (go_fast is not None and go_fast.is_set()):
-                time.sleep(pause)
-        out["digest"] = "sha256:" + h.hexdigest()
-    except Exception as e:  # asserted by the test
-        out["error"] = e
-    finally:
-        conn.close()
-
-
-def _blob_file(cache: Path, digest: str) -> Path:
-    hex_part = digest.split(":", 1)[1]
-    return cache / "blobs" / "sha256" / hex_part[:2] / hex_part
+    """Docxy.stream of a blob with the client's token, 64 KiB reads by default."""
+    docxy.stream(f"/v2/{name}/blobs/{digest}", _bearer(token), out, pause, chunk, go_fast)
 
 
 def _blobs_total(cache: Path) -> int:
@@ -122,7 +87,7 @@ def test_sigkill_mid_download_leaves_no_partial_blob(upstream, tmp_path):
     """After SIGKILL mid-download, a restart empties partial/, holds no blob, and re-pulls and caches it."""
     layer = _large_layer(upstream)
     cache = tmp_path / "cache"
-    docxy = Docxy(tmp_path / "docxy", _args(upstream, cache))
+    docxy = Docxy(tmp_path / "docxy", mirror_args(upstream, cache=cache))
     # The download runs at the upstream's pace whatever the client does: slow the CDN
     # (1 MB/s) so that it is surely mid-way when docxy is killed.
     upstream.restart_cdn("slow")
@@ -138,7 +103,7 @@ def test_sigkill_mid_download_leaves_no_partial_blob(upstream, tmp_path):
         partial = poll_until(
             lambda: [p for p in _partials(cache) if p.stat().st_size >= 2 << 20], 30)
         assert len(partial) == 1, f"expected one partial download, found {partial}"
-        assert not _blob_file(cache, layer.digest).exists(), "blob stored before it was complete"
+        assert not cached_blob(cache, layer.digest).exists(), "blob stored before it was complete"
 
         docxy.process.send_signal(signal.SIGKILL)
         poll_until(lambda: not docxy.process.running(), 10)
@@ -154,7 +119,7 @@ def test_sigkill_mid_download_leaves_no_partial_blob(upstream, tmp_path):
         upstream.restart_cdn("ok")
         docxy.start()
         assert _partials(cache) == [], f"partial/ not emptied at start: {_partials(cache)}"
-        assert not _blob_file(cache, layer.digest).exists(), "a partial download became a blob"
+        assert not cached_blob(cache, layer.digest).exists(), "a partial download became a blob"
         assert "partial downloads left" in docxy.log()
 
         token = _token(docxy, "large")
@@ -163,7 +128,7 @@ def test_sigkill_mid_download_leaves_no_partial_blob(upstream, tmp_path):
         assert "error" not in again, again
         assert again["status"] == 200
         assert again["digest"] == layer.digest
-        stored = _blob_file(cache, layer.digest)
+        stored = cached_blob(cache, layer.digest)
         assert stored.exists() and stored.stat().st_size == layer.size
         assert _partials(cache) == []
     finally:
@@ -211,22 +176,22 @@ def test_eviction_keeps_the_bound_and_spares_a_blob_being_read(upstream, tmp_pat
         total = _blobs_total(cache)
         assert total <= bound, f"after {what}: {total} bytes under blobs/ > bound {bound}"
 
-    with Docxy(tmp_path / "docxy", _args(upstream, cache, "--cache-max-size", str(bound))) as docxy:
+    with Docxy(tmp_path / "docxy", mirror_args(upstream, "--cache-max-size", str(bound), cache=cache)) as docxy:
         # Phase 1: the large layer, then small blobs until it has to go.
         _pull_blob(docxy, "large", layer.digest, token("large"))
-        assert _blob_file(cache, layer.digest).exists()
+        assert cached_blob(cache, layer.digest).exists()
         check_bound("the large layer")
         for name, digest, _ in smalls:
             _pull_blob(docxy, name, digest, token(name))
             check_bound(f"{name}@{digest}")
-            assert _blob_file(cache, digest).exists(), "the blob just pulled was evicted"
-        assert not _blob_file(cache, layer.digest).exists(), \
+            assert cached_blob(cache, digest).exists(), "the blob just pulled was evicted"
+        assert not cached_blob(cache, layer.digest).exists(), \
             "the least recently used blob (the large layer) was not evicted"
 
         # Phase 2: the large layer again (it evicts the small ones), then a slow reader of
         # it from the cache while other pulls need eviction.
         _pull_blob(docxy, "large", layer.digest, token("large"))
-        large_file = _blob_file(cache, layer.digest)
+        large_file = cached_blob(cache, layer.digest)
         assert large_file.exists()
         check_bound("the large layer again")
         go_fast = threading.Event()
@@ -244,8 +209,8 @@ def test_eviction_keeps_the_bound_and_spares_a_blob_being_read(upstream, tmp_pat
                 pulled.append(digest)
                 check_bound(f"{name}@{digest} during the slow read")
                 assert large_file.exists(), "the large layer was evicted while a client reads it"
-                assert _blob_file(cache, digest).exists(), "the blob just pulled was evicted"
-            evicted_meanwhile = [d for d in pulled if not _blob_file(cache, d).exists()]
+                assert cached_blob(cache, digest).exists(), "the blob just pulled was evicted"
+            evicted_meanwhile = [d for d in pulled if not cached_blob(cache, d).exists()]
             assert reader.is_alive() and out["read"] < layer.size, \
                 "the slow reader finished before the other pulls: nothing was tested"
             assert evicted_meanwhile, "no eviction was needed during the slow read"
@@ -269,34 +234,34 @@ def test_cached_private_content_needs_the_upstreams_yes(upstream, tmp_path):
     name = image.repository  # private/secret
     blob = image.manifest.layers[0]
     cache = tmp_path / "cache"
-    with Docxy(tmp_path / "docxy", _args(upstream, cache)) as docxy:
+    with Docxy(tmp_path / "docxy", mirror_args(upstream, cache=cache)) as docxy:
         alice = _bearer(_token(docxy, name, upstream.user))
         manifest_by_tag = f"/v2/{name}/manifests/{image.tag}"
         manifest_by_digest = f"/v2/{name}/manifests/{image.digest}"
         accept = {"Accept": MANIFEST_ACCEPT}
 
-        status, headers, body = _request(docxy, manifest_by_tag, {**alice, **accept})
+        status, headers, body = docxy.request(manifest_by_tag, {**alice, **accept})
         assert status == 200, body[:300]
         assert "sha256:" + hashlib.sha256(body).hexdigest() == image.digest
         for b in image.blobs:
             _pull_blob(docxy, name, b.digest, alice["Authorization"].split(" ", 1)[1])
-        assert _blob_file(cache, image.digest).exists(), "the manifest was not cached"
+        assert cached_blob(cache, image.digest).exists(), "the manifest was not cached"
         for b in image.blobs:
-            assert _blob_file(cache, b.digest).exists(), f"{b.digest} was not cached"
+            assert cached_blob(cache, b.digest).exists(), f"{b.digest} was not cached"
 
         anonymous = _bearer(_token(docxy, name))
         for who, auth in (("no token", {}), ("an anonymous token", anonymous)):
             for path in (manifest_by_digest, manifest_by_tag):
-                status, headers, body = _request(docxy, path, {**auth, **accept})
+                status, headers, body = docxy.request(path, {**auth, **accept})
                 assert status == 401, f"{who}: {path} answered {status}: {body[:300]!r}"
                 assert "www-authenticate" in headers, f"{who}: {path} without a challenge"
                 assert image.manifest.body not in body
-            status, headers, body = _request(docxy, f"/v2/{name}/blobs/{blob.digest}", auth)
+            status, headers, body = docxy.request(f"/v2/{name}/blobs/{blob.digest}", auth)
             assert status == 401, f"{who}: blob answered {status}: {body[:300]!r}"
             assert blob.data is None or blob.data not in body
 
         for path in (manifest_by_digest, manifest_by_tag):
-            status, headers, body = _request(docxy, path, {**alice, **accept})
+            status, headers, body = docxy.request(path, {**alice, **accept})
             assert status == 200, f"alice: {path} answered {status}"
             assert headers["Docker-Content-Digest"] == image.digest
             assert "sha256:" + hashlib.sha256(body).hexdigest() == image.digest
@@ -310,28 +275,28 @@ def test_ranges_of_a_cached_blob(upstream, tmp_path):
     image = upstream.images.namespaced
     blob = max(image.blobs, key=lambda b: b.size)
     cache = tmp_path / "cache"
-    with Docxy(tmp_path / "docxy", _args(upstream, cache)) as docxy:
+    with Docxy(tmp_path / "docxy", mirror_args(upstream, cache=cache)) as docxy:
         token = _token(docxy, image.short_name)
         data = _pull_blob(docxy, image.short_name, blob.digest, token)
         size = len(data)
         assert size == blob.size and size > 200
-        assert _blob_file(cache, blob.digest).exists()
+        assert cached_blob(cache, blob.digest).exists()
         time.sleep(1)  # let nginx log the first download
         cdn_before = len(upstream.cdn_log_entries())
         path = f"/v2/{image.short_name}/blobs/{blob.digest}"
 
-        status, headers, body = _request(docxy, path, {**_bearer(token), "Range": "bytes=0-99"})
+        status, headers, body = docxy.request(path, {**_bearer(token), "Range": "bytes=0-99"})
         assert status == 206
         assert body == data[:100]
         assert headers["Content-Range"] == f"bytes 0-99/{size}"
         assert headers["Content-Length"] == "100"
 
-        status, headers, body = _request(docxy, path, {**_bearer(token), "Range": "bytes=-100"})
+        status, headers, body = docxy.request(path, {**_bearer(token), "Range": "bytes=-100"})
         assert status == 206
         assert body == data[-100:]
         assert headers["Content-Range"] == f"bytes {size - 100}-{size - 1}/{size}"
 
-        status, headers, body = _request(docxy, path, {**_bearer(token), "Range": f"bytes={size}-"})
+        status, headers, body = docxy.request(path, {**_bearer(token), "Range": f"bytes={size}-"})
         assert status == 416
         assert headers["Content-Range"] == f"bytes */{size}"
         assert body == b""

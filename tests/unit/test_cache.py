@@ -12,7 +12,7 @@ from docxy.cache.fill import Fill
 from docxy.cache.store import BlobStore
 from docxy.ranges import UNSATISFIABLE, parse_range
 
-from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
+from .fakes import FakeResponse, FakeUpstream, blob_upstream, get, hub_config, make_site
 
 
 def digest_of(data: bytes) -> str:
@@ -134,27 +134,10 @@ def test_parse_range(header, expected):
 
 def _cache_site(tmp_path, data, digest=None):
     digest = digest or digest_of(data)
-    responses = []
-
-    def respond(method, url, headers, body):
-        if url.endswith("/v2/"):
-            return FakeResponse(200, body=b"{}")
-        if method == b"HEAD":
-            return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
-        r = FakeResponse(200, body=data, length=len(data), auto=False)
-        responses.append(r)
-        return r
-
+    upstream, responses = blob_upstream(data, auto=False)
     config = hub_config(cache_dir=str(tmp_path / "cache"))
-    upstream = FakeUpstream(respond)
     site, _, clock = make_site(config, upstream, with_cache=True)
     return site, upstream, responses, digest
-
-
-def get(site, path, headers=()):
-    ex = Exchange(site)
-    ex.send("GET", path, headers)
-    return ex
 
 
 def test_concurrent_clients_share_one_upstream_download(tmp_path):
