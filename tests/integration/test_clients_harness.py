@@ -11,11 +11,11 @@ import json
 import os
 import re
 import socket
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import bcrypt
 import pytest
 
 from harness import images
@@ -59,13 +59,7 @@ class Registries:
 
 
 def _bcrypt(password: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            import crypt
-        except ImportError:  # Python 3.13 removed it
-            pytest.skip("no bcrypt for the htpasswd file")
-    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=8)).decode()
 
 
 def _free_port6() -> int | None:
