@@ -46,6 +46,19 @@ def json_error(request, status: int, code: str, message: str) -> bytes:
     return body
 
 
+def send_json(request, status: int, document: Any) -> None:
+    """Answer with a JSON document of docxy's own."""
+    if request_gone(request):
+        return
+    body = json.dumps(document).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(body)
+    request.finish()
+
+
 def send_error(request, status: int, code: str, message: str) -> None:
     if request_gone(request):
         return
@@ -70,6 +83,11 @@ def token_realm(
     """Where challenges relayed to this request send the client for a token."""
     base = external_base(public_url, names, arrival(request))
     return Realm(base + selection.realm_path, selection.scope_prefix)
+
+
+def login_realm(request, public_url: str | None, names: tuple[str, ...]) -> str:
+    """docxy's own token endpoint, where its users log in (client authentication)."""
+    return external_base(public_url, names, arrival(request)) + "/auth/token"
 
 
 def relay(

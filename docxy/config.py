@@ -23,12 +23,26 @@ class Config:
     connect_timeout: float = 10.0
     header_timeout: float = 60.0
     idle_timeout: float = 60.0
+    request_timeout: float = 30.0  # a client's whole request (docxy.channel)
     max_token_body: int = 64 * 1024
     max_redirects: int = 5
     pool_size: int = 32
     cache_dir: str | None = None
     cache_max_size: int | None = None
     tag_ttl: float = 0.0
+    # observability (docxy.metrics, docxy.logs)
+    metrics_listen: str | None = None  # /metrics on its own endpoint, not on the API's
+    log_format: str = "text"  # or "json"
+    # lifecycle (docxy.certreload, docxy.lifecycle)
+    cert_check_interval: float = 60.0
+    stop_timeout: float = 30.0
+    # who may use the mirror (docxy.policy)
+    htpasswd: str | None = None
+    allow_anonymous: bool = False
+    allow_networks: tuple[str, ...] = ()
+    deny_networks: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    rate_limit: tuple[int, float] | None = None  # (requests, per seconds)
 
     @property
     def default(self) -> Upstream:

@@ -7,23 +7,35 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import sys
 from urllib.parse import urlsplit
 
 from twisted.application import service, strports
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from docxy.activation import adopted_port
 from docxy.cache.blobs import BlobCache
 from docxy.cache.manifests import ManifestCache
 from docxy.cache.store import BlobStore
+from docxy.certreload import CertificateReloader, CurrentCertificate
+from docxy.clienttokens import TokenIssuer
 from docxy.config import Config
+from docxy.htpasswd import Htpasswd, HtpasswdError
+from docxy.lifecycle import GracefulStop
+from docxy.logs import LOG_FORMATS, DocxyService, log_observer
+from docxy.measured import MeasuredClient
+from docxy.metrics import Metrics
+from docxy.netacl import NetworkPolicy, is_local_endpoint, parse_networks
+from docxy.policy import ClientPolicy
+from docxy.ratelimit import RateLimiter, parse_rate
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
 from docxy.selection import UpstreamTable
-from docxy.site import DocxySite, api_resource, redirect_resource
+from docxy.site import DocxySite, api_resource, metrics_resource_tree, redirect_resource
 from docxy.tls import ServerTLS, TLSConfigError, upstream_trust
 from docxy.tokens import CredentialsError, UpstreamAuth, read_credentials
 from docxy.upstream import UpstreamClient
@@ -42,7 +54,7 @@ log = Logger()
 class CacheConfigError(Exception):
     """A cache directory that cannot be used; the message is shown as it is."""
 
-DEFAULT_LISTEN = "tcp:8080"
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -123,7 +135,10 @@ KEY_PATH are read as in the original docxy.  The command line wins over the envi
 
 With --tls, each --listen endpoint only redirects to HTTPS (and answers /health).
 Without --tls, --listen serves the API (for use behind nginx or a CDN).  With neither,
-docxy listens on tcp:8080."""
+docxy listens on 127.0.0.1:8080.
+
+docxy does not start as an open relay: a listener that is not loopback needs --htpasswd
+(docxy's own users) or an explicit --allow-anonymous."""
 
     optFlags = [
         ["mirror-mode", None, "Fetch upstream tokens as docxy itself (anonymously, or with "
@@ -133,6 +148,8 @@ docxy listens on tcp:8080."""
         ["no-library", None, "Never add library/ to names of the default registry. "
          "[DOCXY_LIBRARY=0]"],
         ["no-cache", None, "Do not cache: every pull goes upstream. [DOCXY_NO_CACHE=1]"],
+        ["allow-anonymous", None, "Serve clients without --htpasswd on a non-loopback "
+         "address: anyone who can reach docxy pulls through it. [DOCXY_ALLOW_ANONYMOUS=1]"],
     ]
 
     optParameters = [
@@ -144,6 +161,11 @@ docxy listens on tcp:8080."""
          "redirects are built from it. [DOCXY_PUBLIC_URL]"],
         ["config", None, None, "TOML file declaring the upstream registries (see the "
          "README). [DOCXY_CONFIG]"],
+        ["htpasswd", None, None, "Users file (user:bcrypt-hash lines, htpasswd -B): clients "
+         "must log in to docxy, which pulls upstream as itself (mirror mode). [DOCXY_HTPASSWD]"],
+        ["rate-limit", None, None, "Per-client limit on manifest and token requests, e.g. "
+         "100/h or 10/m (token bucket by user, else address); over it: 429 with "
+         "Retry-After. [DOCXY_RATE_LIMIT]"],
         ["default-registry", None, None, "The registry a request gets when it names none "
          "(default: docker.io). [DOCXY_DEFAULT_REGISTRY]"],
         ["upstream", None, None, "Base URL of the default registry (default: its preset's, "
@@ -167,8 +189,20 @@ docxy listens on tcp:8080."""
          "upstream (a HEAD, free on Hub); 0 asks every time. [DOCXY_TAG_TTL]", float],
         ["cache-max-size", None, None, "Bound the cache: bytes, or with a K/M/G/T suffix "
          "(powers of 1024); least recently used blobs go first. [DOCXY_CACHE_MAX_SIZE]"],
+        ["cert-check-interval", None, 60.0, "Seconds between checks of --cert and --key "
+         "for a renewed certificate, loaded without a restart (0: only on SIGHUP). "
+         "[DOCXY_CERT_CHECK_INTERVAL]", float],
+        ["stop-timeout", None, 30.0, "Seconds running requests get to finish when docxy is "
+         "stopped (SIGTERM) before they are cut. [DOCXY_STOP_TIMEOUT]", float],
         ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before it is cut "
          "(no limit on total time). [DOCXY_IDLE_TIMEOUT]", float],
+        ["request-timeout", None, 30.0, "Seconds a client may take to send a whole request "
+         "(headers and body), however steadily it trickles; 0: no limit. "
+         "[DOCXY_REQUEST_TIMEOUT]", float],
+        ["metrics-listen", None, None, "Serve /metrics on this endpoint (strports, e.g. "
+         "tcp:9102:interface=127.0.0.1) instead of on the API's. [DOCXY_METRICS_LISTEN]"],
+        ["log-format", None, "text", "text (one line per event) or json (one JSON object "
+         "per line, on standard output). [DOCXY_LOG_FORMAT]"],
     ]
 
     _ENV_SCALARS = {
@@ -176,6 +210,8 @@ docxy listens on tcp:8080."""
         "key": ("DOCXY_KEY", "KEY_PATH"),
         "public-url": ("DOCXY_PUBLIC_URL",),
         "config": ("DOCXY_CONFIG",),
+        "htpasswd": ("DOCXY_HTPASSWD",),
+        "rate-limit": ("DOCXY_RATE_LIMIT",),
         "default-registry": ("DOCXY_DEFAULT_REGISTRY",),
         "upstream": ("DOCXY_UPSTREAM",),
         "upstream-ca": ("DOCXY_UPSTREAM_CA",),
@@ -185,9 +221,14 @@ docxy listens on tcp:8080."""
         "connect-timeout": ("DOCXY_CONNECT_TIMEOUT",),
         "header-timeout": ("DOCXY_HEADER_TIMEOUT",),
         "idle-timeout": ("DOCXY_IDLE_TIMEOUT",),
+        "request-timeout": ("DOCXY_REQUEST_TIMEOUT",),
         "cache-dir": ("DOCXY_CACHE_DIR",),
         "cache-max-size": ("DOCXY_CACHE_MAX_SIZE",),
         "tag-ttl": ("DOCXY_TAG_TTL",),
+        "cert-check-interval": ("DOCXY_CERT_CHECK_INTERVAL",),
+        "stop-timeout": ("DOCXY_STOP_TIMEOUT",),
+        "metrics-listen": ("DOCXY_METRICS_LISTEN",),
+        "log-format": ("DOCXY_LOG_FORMAT",),
     }
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -197,6 +238,9 @@ docxy listens on tcp:8080."""
         self["tls"] = []
         self["server-name"] = []
         self["registry"] = []
+        self["allow-net"] = []
+        self["deny-net"] = []
+        self["trusted-proxy"] = []
         self._given: set[str] = set()
 
     def opt_listen(self, description: str) -> None:
@@ -219,6 +263,21 @@ docxy listens on tcp:8080."""
         registry.k8s.io, mcr.microsoft.com, docker.io) or NAME=URL for any other.
         [DOCXY_REGISTRIES]"""
         self["registry"].append(value)
+
+    def opt_allow_net(self, cidr: str) -> None:
+        """Only clients in these networks may use docxy (repeatable; /health and /ready
+        always answer). [DOCXY_ALLOW_NETS]"""
+        self["allow-net"].append(cidr)
+
+    def opt_deny_net(self, cidr: str) -> None:
+        """Clients in these networks are refused (repeatable; wins over --allow-net).
+        [DOCXY_DENY_NETS]"""
+        self["deny-net"].append(cidr)
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """A proxy in front of docxy (nginx, a load balancer) whose X-Forwarded-For names
+        the client (repeatable). [DOCXY_TRUSTED_PROXIES]"""
+        self["trusted-proxy"].append(cidr)
 
     def parseArgs(self, *args: str) -> None:
         if args:
@@ -255,6 +314,24 @@ docxy listens on tcp:8080."""
             self["server-name"] = [n.lower() for n in _env_list(env.get("DOCXY_SERVER_NAMES"))]
         if not self["registry"]:
             self["registry"] = _env_list(env.get("DOCXY_REGISTRIES"))
+        for option, name in (("allow-net", "DOCXY_ALLOW_NETS"), ("deny-net", "DOCXY_DENY_NETS"),
+                             ("trusted-proxy", "DOCXY_TRUSTED_PROXIES")):
+            if not self[option]:
+                self[option] = _env_list(env.get(name))
+            try:
+                parse_networks(self[option], f"--{option}")
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+        if "allow-anonymous" not in self._given and env.get("DOCXY_ALLOW_ANONYMOUS"):
+            self["allow-anonymous"] = _env_bool("DOCXY_ALLOW_ANONYMOUS", env["DOCXY_ALLOW_ANONYMOUS"])
+        if self["htpasswd"] and self["allow-anonymous"]:
+            raise usage.UsageError("--htpasswd and --allow-anonymous contradict each other")
+        self.rate_limit = None
+        if self["rate-limit"]:
+            try:
+                self.rate_limit = parse_rate(self["rate-limit"])
+            except ValueError as e:
+                raise usage.UsageError(f"--rate-limit: {e}") from None
         if "mirror-mode" not in self._given and env.get("DOCXY_MIRROR_MODE"):
             self["mirror-mode"] = _env_bool("DOCXY_MIRROR_MODE", env["DOCXY_MIRROR_MODE"])
         if self["library"] and self["no-library"]:
@@ -290,6 +367,12 @@ docxy listens on tcp:8080."""
             self["cache-dir"] = default_cache_dir(env)
         if self["tag-ttl"] < 0:
             raise usage.UsageError("--tag-ttl must not be negative")
+        self["log-format"] = self["log-format"].strip().lower()
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        for option in ("cert-check-interval", "stop-timeout", "request-timeout"):
+            if not self[option] >= 0:
+                raise usage.UsageError(f"--{option} must be a number of seconds, 0 or more")
         for option in ("connect-timeout", "header-timeout", "idle-timeout"):
             if not self[option] > 0:
                 raise usage.UsageError(f"--{option} must be a positive number of seconds")
@@ -309,7 +392,7 @@ docxy listens on tcp:8080."""
             overrides["library"] = self.library
         try:
             return assemble(settings, self["registry"], self["default-registry"], overrides,
-                            bool(self["mirror-mode"]))
+                            bool(self["mirror-mode"]), client_auth=bool(self["htpasswd"]))
         except ValueError as e:
             raise ConfigFileError(str(e)) from None
 
@@ -327,9 +410,20 @@ docxy listens on tcp:8080."""
             connect_timeout=self["connect-timeout"],
             header_timeout=self["header-timeout"],
             idle_timeout=self["idle-timeout"],
+            request_timeout=self["request-timeout"],
             cache_dir=None if self["no-cache"] else self["cache-dir"],
             cache_max_size=self.cache_max_size,
             tag_ttl=self["tag-ttl"],
+            metrics_listen=self["metrics-listen"],
+            log_format=self["log-format"],
+            cert_check_interval=self["cert-check-interval"],
+            stop_timeout=self["stop-timeout"],
+            htpasswd=self["htpasswd"],
+            allow_anonymous=bool(self["allow-anonymous"]),
+            allow_networks=tuple(self["allow-net"]),
+            deny_networks=tuple(self["deny-net"]),
+            trusted_proxies=tuple(self["trusted-proxy"]),
+            rate_limit=self.rate_limit,
         )
 
 
@@ -344,9 +438,12 @@ class _ClosePools(service.Service):
         return defer.gatherResults([c.close() for c in self._clients])
 
 
-def _proxies(config: Config, reactor) -> tuple[dict[str, RegistryProxy], list[UpstreamClient]]:
+def _proxies(
+    config: Config, reactor, metrics: Metrics
+) -> tuple[dict[str, RegistryProxy], list[UpstreamClient]]:
     """One RegistryProxy per upstream; upstreams trusting the same CAs share a client (and
-    its connection pool).  Raises TLSConfigError or CredentialsError."""
+    its connection pool), each proxy seeing it through its registry's metrics.  Raises
+    TLSConfigError or CredentialsError."""
     clients: dict[str | None, UpstreamClient] = {}
     proxies = {}
     for upstream in config.upstreams:
@@ -362,8 +459,40 @@ def _proxies(config: Config, reactor) -> tuple[dict[str, RegistryProxy], list[Up
             )
         credentials = read_credentials(upstream.credentials) if upstream.credentials else None
         auth = UpstreamAuth(upstream, client, reactor, credentials)
-        proxies[upstream.name] = RegistryProxy(upstream, client, auth, reactor)
+        measured = MeasuredClient(client, metrics, upstream.name, reactor)
+        proxies[upstream.name] = RegistryProxy(upstream, measured, auth, reactor)
     return proxies, list(clients.values())
+
+
+class AccessConfigError(Exception):
+    """Access settings that would make an open relay, or a users file that cannot be used."""
+
+
+def _client_policy(config: Config, metrics: Metrics, reactor) -> ClientPolicy:
+    """Who may use the mirror.  Refuses to start an open relay: without a users file docxy
+    serves only loopback listeners, unless the operator said --allow-anonymous."""
+    if not config.htpasswd and not config.allow_anonymous:
+        public = [d for d in config.listen + config.tls if not is_local_endpoint(d)]
+        if public:
+            raise AccessConfigError(
+                f"{' '.join(public)} is not a loopback address, and without --htpasswd anyone "
+                "who reaches it pulls through docxy (an open mirror): give --htpasswd FILE, "
+                "listen on 127.0.0.1, or accept it with --allow-anonymous"
+            )
+    networks = NetworkPolicy(
+        allow=parse_networks(config.allow_networks, "--allow-net"),
+        deny=parse_networks(config.deny_networks, "--deny-net"),
+        trusted_proxies=parse_networks(config.trusted_proxies, "--trusted-proxy"),
+    )
+    users = issuer = None
+    if config.htpasswd:
+        try:
+            users = Htpasswd(config.htpasswd, threads.deferToThread)
+        except HtpasswdError as e:
+            raise AccessConfigError(str(e)) from None
+        issuer = TokenIssuer(reactor)
+    limiter = RateLimiter(*config.rate_limit, reactor) if config.rate_limit else None
+    return ClientPolicy(networks, metrics, users, issuer, limiter)
 
 
 def build_service(config: Config, reactor) -> service.MultiService:
@@ -376,7 +505,8 @@ def build_service(config: Config, reactor) -> service.MultiService:
     table = UpstreamTable(config.upstreams, config.default_upstream, own)
     # A Host naming an upstream is one of ours too: realms may be built from it.
     names = tuple(dict.fromkeys(own + tuple(h for u in config.upstreams for h in u.hosts)))
-    proxies, clients = _proxies(config, reactor)
+    metrics = Metrics()
+    proxies, clients = _proxies(config, reactor, metrics)
     blobs = manifests = None
     if config.cache_dir:
         try:
@@ -384,7 +514,8 @@ def build_service(config: Config, reactor) -> service.MultiService:
         except OSError as e:
             raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
         blobs = BlobCache(store, reactor, config.idle_timeout)
-        manifests = ManifestCache(store, reactor, config.tag_ttl)
+        manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout)
+        metrics.watch_cache(blobs, manifests)
     context = Context(
         config=config,
         table=table,
@@ -393,20 +524,38 @@ def build_service(config: Config, reactor) -> service.MultiService:
         server_names=names,
         blobs=blobs,
         manifests=manifests,
+        metrics=metrics,
+        policy=_client_policy(config, metrics, reactor),
     )
-    top = service.MultiService()
-    api_site = DocxySite(api_resource(context), reactor)
+    top = DocxyService(log_observer(config.log_format))
+    api_site = DocxySite(api_resource(context), reactor, metrics, config.request_timeout)
+    # Every HTTPS listener asks `certificate` per connection: a reload reaches new ones.
+    certificate = CurrentCertificate(server_tls) if server_tls else None
+    tls_listeners = []
     for description in config.tls:
-        factory = TLSMemoryBIOFactory(server_tls.options, False, api_site)
-        strports.service(description, factory, reactor=reactor).setServiceParent(top)
+        factory = TLSMemoryBIOFactory(certificate, False, api_site)
+        tls_listeners.append(strports.service(description, factory, reactor=reactor))
+        tls_listeners[-1].setServiceParent(top)
     if config.tls:
-        https_port = endpoint_port(config.tls[0]) or 443
-        plain_site = DocxySite(redirect_resource(config, names, https_port), reactor)
+        https_port = (endpoint_port(config.tls[0])
+                      or adopted_port(tls_listeners[0].endpoint) or 443)
+        plain_site = DocxySite(redirect_resource(config, names, https_port, context), reactor,
+                               metrics, config.request_timeout)
     else:
         plain_site = api_site
     for description in config.listen:
         strports.service(description, plain_site, reactor=reactor).setServiceParent(top)
+    if config.metrics_listen:
+        metrics_site = DocxySite(metrics_resource_tree(context), reactor, metrics,
+                                 config.request_timeout)
+        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     _ClosePools(clients).setServiceParent(top)
+    if certificate is not None:
+        CertificateReloader(certificate, config.cert_path, config.key_path, reactor,
+                            config.cert_check_interval).setServiceParent(top)
+    sites = (api_site,) if plain_site is api_site else (api_site, plain_site)
+    GracefulStop([site.active for site in sites], reactor,
+                 config.stop_timeout).setServiceParent(top)
     for upstream in config.upstreams:
         log.info(
             "docxy: mirroring {name} from {url}{default}",
@@ -415,11 +564,25 @@ def build_service(config: Config, reactor) -> service.MultiService:
             default=" (default)" if upstream.name == config.default_upstream else "",
         )
     log.info(
-        "docxy: listening on {listen} (plain) {tls} (TLS)",
+        "docxy: listening on {listen} (plain) {tls} (TLS); /metrics on {metrics}",
         listen=" ".join(config.listen) or "-",
         tls=" ".join(config.tls) or "-",
+        metrics=config.metrics_listen or "the API's endpoints",
     )
     return top
+
+
+def raise_open_files_limit() -> None:
+    """Every client and every upstream connection is a file descriptor; the usual soft
+    limit of 1024 is reached by a few hundred busy clients.  Raise it to the hard limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn("could not raise the open files limit: {err}", err=str(e))
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
@@ -427,8 +590,10 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+        raise_open_files_limit()  # the real daemon only, not the tests' clocks
     try:
         return build_service(options.config(), reactor)
-    except (ConfigFileError, TLSConfigError, CredentialsError, CacheConfigError) as e:
+    except (ConfigFileError, TLSConfigError, CredentialsError, CacheConfigError,
+            AccessConfigError) as e:
         raise SystemExit(f"docxy: {e}") from None
 

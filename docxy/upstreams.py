@@ -38,6 +38,7 @@ class Upstream:
     library: bool = False
     mirror_mode: bool = False
     repositories: tuple[str, ...] = ()
+    deny_repositories: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
@@ -56,6 +57,8 @@ class Upstream:
 
     def allows(self, repository: str) -> bool:
         """Whether `repository` (as the upstream names it) may be pulled through docxy."""
+        if any(fnmatch.fnmatchcase(repository, p) for p in self.deny_repositories):
+            return False
         if not self.repositories:
             return True
         return any(fnmatch.fnmatchcase(repository, p) for p in self.repositories)
@@ -113,7 +116,7 @@ def preset_for_url(url: str) -> Upstream | None:
 
 _STRING_KEYS = ("url", "ca", "credentials", "auth_realm", "auth_service")
 _BOOL_KEYS = ("library", "mirror_mode")
-_LIST_KEYS = ("repositories", "names", "prefixes", "hosts")
+_LIST_KEYS = ("repositories", "deny_repositories", "names", "prefixes", "hosts")
 _TOP_KEYS = ("default", "upstream")
 
 
@@ -182,7 +185,7 @@ def _check_table(name: str, table: dict) -> dict:
         else:
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"{where}: {key} must be a list of strings")
-            out[key] = tuple(v.lower() if key != "repositories" else v for v in value)
+            out[key] = tuple(v if key.endswith("repositories") else v.lower() for v in value)
     return out
 
 
@@ -239,12 +242,14 @@ def assemble(
     default: str | None,
     overrides: dict,
     mirror_mode: bool,
+    client_auth: bool = False,
 ) -> tuple[tuple[Upstream, ...], str]:
     """The upstreams and the default's name from a configuration file's `settings`, the
     `--registry` values (`NAME` or `NAME=URL`), `--default-registry`, and `overrides` of
     the default upstream's settings from the single-registry options (which win).  An
     `overrides` URL that is a preset's makes that preset the default.  ValueError says
-    what cannot be used."""
+    what cannot be used.  With `client_auth` docxy's own users pull, so every upstream is
+    in mirror mode (its account, if any, stays docxy's)."""
     tables: dict[str, dict] = {name: dict(table) for name, table in settings.upstreams}
     for value in registries:
         name, sep, url = value.partition("=")
@@ -260,7 +265,10 @@ def assemble(
     tables.setdefault(default, {}).update(overrides)
     upstreams = []
     for name, table in tables.items():
-        if mirror_mode:
+        if client_auth and table.get("mirror_mode") is False:
+            raise ValueError(f'upstream "{name}": mirror_mode = false cannot be combined '
+                             "with client authentication (--htpasswd)")
+        if mirror_mode or client_auth:
             table.setdefault("mirror_mode", True)
         upstreams.append(build_upstream(name, table))
     check_distinct(tuple(upstreams))

@@ -9,7 +9,10 @@ from twisted.web.resource import Resource
 
 from docxy.config import Config
 from docxy.metrics import Metrics
+from docxy.netacl import NetworkPolicy
+from docxy.policy import ClientPolicy
 from docxy.proxy import RegistryProxy
+from docxy.ready import Readiness
 from docxy.selection import Selection, UpstreamTable
 
 
@@ -25,6 +28,17 @@ class Context:
     blobs: object | None = None  # docxy.cache.blobs.BlobCache when the cache is on
     manifests: object | None = None  # docxy.cache.manifests.ManifestCache, likewise
     metrics: Metrics = attrs.field(factory=Metrics)
+    # who may use the mirror; by default every network, no login, no rate limit
+    policy: ClientPolicy = attrs.field(
+        default=attrs.Factory(lambda self: ClientPolicy(NetworkPolicy(), self.metrics), takes_self=True)
+    )
+    # /ready and /health?deep=1: one shared check of the upstreams and the cache directory
+    readiness: Readiness = attrs.field(
+        default=attrs.Factory(
+            lambda self: Readiness(self.proxies, self.config.cache_dir, self.reactor),
+            takes_self=True,
+        )
+    )
 
     def select(self, request, path: bytes) -> tuple[Selection, RegistryProxy]:
         """The upstream `request` is for (raises docxy.selection.NotMirrored).  A request

@@ -1,14 +1,22 @@
 """`/v2/`: the API ping, for the upstream chosen by `ns=` or `Host` (else the default
 one).  Relays the upstream's answer with every challenge pointed at this
 mirror's token endpoint; in mirror mode docxy holds the upstream credentials itself and
-answers 200 without asking anyone.  With the cache on and the upstream unreachable it
-answers 200 too, so that cached content keeps being served."""
+answers 200 without asking anyone.  With the cache on and the upstream (or its token
+service) unreachable it answers 200 too, so that cached content keeps being served."""
 from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
-from docxy.answers import API_VERSION, answer_later, relay, send_error, token_realm
+from docxy.answers import (
+    API_VERSION,
+    answer_later,
+    discard_body,
+    login_realm,
+    relay,
+    send_error,
+    token_realm,
+)
 from docxy.names import InvalidRequest
 from docxy.relay import request_gone
 from docxy.resources._base import PullResource
@@ -36,6 +44,12 @@ class ChallengeResource(PullResource):
         except InvalidRequest as e:
             send_error(request, e.status, e.code, e.message)
             return NOT_DONE_YET
+        if ctx.policy.auth_required:
+            # docxy's own users: docxy challenges them itself (upstreams are in mirror mode)
+            realm = login_realm(request, ctx.config.public_url, ctx.server_names)
+            if ctx.policy.admit_user(request, realm):
+                _answer_ok(request)
+            return NOT_DONE_YET
         if proxy.mirror_mode:
             _answer_ok(request)
             return NOT_DONE_YET
@@ -50,6 +64,16 @@ class ChallengeResource(PullResource):
                 # may serve them (repositories anyone may pull, or that they were allowed
                 # before) still pulls; everything else fails later with a clear error.
                 log.warn("upstream unreachable ({err}); /v2/ answered by the mirror", err=e.message)
+                _answer_ok(request)
+                return
+            if (
+                response.code == 401
+                and ctx.blobs is not None
+                and await proxy.auth.check_token_service()
+            ):
+                # No client can get a token now: let them in without one, likewise.
+                discard_body(response)
+                log.warn("the upstream's token service is down; /v2/ answered by the mirror")
                 _answer_ok(request)
                 return
             realm = token_realm(request, ctx.config.public_url, ctx.server_names, selection)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from twisted.web.server import NOT_DONE_YET
 
-from docxy.answers import answer_later, relay, send_error, token_realm
+from docxy.answers import answer_later, login_realm, relay, send_error, token_realm
 from docxy.names import InvalidRequest, parse_route, upstream_name
 from docxy.resources._base import PullResource, query_pairs
 
@@ -14,6 +14,7 @@ from docxy.resources._base import PullResource, query_pairs
 class RegistryResource(PullResource):
     def answer(self, request):
         ctx = self.context
+        policy = ctx.policy
         try:
             selection, proxy = ctx.select(request, request.path)
             route = parse_route(selection.path)
@@ -21,8 +22,18 @@ class RegistryResource(PullResource):
             request.docxy_what = (f"{proxy.name}/{name}", route.reference)
             proxy.check_allowed([name])
         except InvalidRequest as e:
+            if e.code in ("NAME_UNKNOWN", "DENIED"):
+                policy.refused("not_mirrored" if e.code == "NAME_UNKNOWN" else "repository")
             send_error(request, e.status, e.code, e.message)
             return NOT_DONE_YET  # the error is already written
+        if policy.auth_required:
+            scope = f"repository:{selection.scope_prefix or ''}{route.name}:pull"
+            realm_url = login_realm(request, ctx.config.public_url, ctx.server_names)
+            if not policy.admit_user(request, realm_url, scope):
+                return NOT_DONE_YET
+        # A manifest is what a pull costs upstream (Hub counts manifest GETs): rate-limit those.
+        if route.kind == "manifests" and not policy.admit_rate(request):
+            return NOT_DONE_YET
 
         realm = (
             None

@@ -9,11 +9,13 @@ from urllib.parse import parse_qsl
 
 from twisted.web.server import NOT_DONE_YET
 
-from docxy.answers import answer_later, relay, send_error
-from docxy.names import InvalidRequest, scope_repositories
+from docxy.answers import answer_later, relay, send_error, send_json
+from docxy.policy import basic_credentials
+from docxy.names import InvalidRequest, is_valid_name, scope_repositories
 from docxy.resources._base import LeafResource, query_pairs
 
 PATH = b"/auth/token"
+MAX_SCOPES = 100  # a pull asks for one or a few; more is refused before anything goes upstream
 
 
 class TokenResource(LeafResource):
@@ -35,6 +37,16 @@ class TokenResource(LeafResource):
 
     def _forward(self, request, method: bytes, form: list[tuple[str, str]] | None):
         ctx = self.context
+        if not ctx.policy.admit_rate(request):
+            return NOT_DONE_YET
+        asked = [v for k, v in (query_pairs(request) if form is None else form) if k == "scope"]
+        refusal = _bad_scopes(asked)
+        if refusal is not None:
+            request.docxy_what = ("/auth/token", "")
+            send_error(request, 400, *refusal)
+            return NOT_DONE_YET
+        if ctx.policy.auth_required:
+            return self._login(request, form)
         query = query_pairs(request)
         scopes = [v for k, v in (query if form is None else form) if k == "scope"]
         try:
@@ -54,6 +66,44 @@ class TokenResource(LeafResource):
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, None)
 
         return answer_later(request, work)
+
+
+    def _login(self, request, form: list[tuple[str, str]] | None):
+        """Client authentication is on: docxy is the token service.  Basic credentials
+        (GET, docker login) or containerd's password grant (POST) get a docxy token."""
+        request.docxy_what = ("/auth/token", "")
+        policy = self.context.policy
+        if form is None:
+            credentials = basic_credentials(request.getHeader(b"authorization"))
+        else:
+            fields = dict(form)
+            if fields.get("grant_type", "password") != "password":
+                send_error(request, 400, "UNSUPPORTED", "only the password grant is supported")
+                return NOT_DONE_YET
+            credentials = (
+                (fields["username"], fields.get("password", ""))
+                if fields.get("username") else basic_credentials(request.getHeader(b"authorization"))
+            )
+
+        async def work() -> None:
+            answer = await policy.login(request, credentials)
+            if answer is None:
+                request.setHeader(b"www-authenticate", b'Basic realm="docxy"')
+                send_error(request, 401, "UNAUTHORIZED", "incorrect username or password")
+                return
+            send_json(request, 200, answer)
+
+        return answer_later(request, work)
+
+
+def _bad_scopes(scopes: list[str]) -> tuple[str, str] | None:
+    """(code, message) refusing scopes that no pull asks for: too many of them, or a
+    repository name outside the grammar; None if they may be forwarded."""
+    if sum(len(v.split()) for v in scopes) > MAX_SCOPES:
+        return "DENIED", f"too many scopes in one token request (at most {MAX_SCOPES})"
+    if not all(is_valid_name(n) for v in scopes for n in scope_repositories(v)):
+        return "NAME_INVALID", "invalid repository name in a token scope"
+    return None
 
 
 def _realm_name(path: bytes) -> str | None:

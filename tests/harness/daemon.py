@@ -2,7 +2,10 @@
 scratch directory (so the checkout is not on sys.path and the installed plugin is used)."""
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
+import threading
 import sys
 import time
 import urllib.request
@@ -10,6 +13,21 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.procs import ManagedProcess, free_port, wait_for_port
+
+
+def mirror_args(upstream, *extra: str, cache: Path | None = None) -> list[str]:
+    """docxy's options for mirroring the test `upstream` as docker.io (library/ on)."""
+    args = ["--upstream", upstream.registry_url, "--upstream-ca", str(upstream.ca_path),
+            "--library"]
+    if cache is not None:
+        args += ["--cache-dir", str(cache)]
+    return args + list(extra)
+
+
+def cached_blob(cache: Path, digest: str) -> Path:
+    """Where docxy's store keeps a blob (docxy.cache.store.BlobStore.path)."""
+    algorithm, _, hex_part = digest.partition(":")
+    return cache / "blobs" / algorithm / hex_part[:2] / hex_part
 
 
 def twistd_path() -> str:
@@ -100,6 +118,41 @@ class Docxy:
         except OSError:
             return ""
 
+    def request(self, path: str, headers: dict | None = None, method: str = "GET",
+                body: bytes | None = None, timeout: float = 60
+                ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One request to the plain-HTTP port: (status, headers, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def stream(self, path: str, headers: dict, out: dict, pause: float = 0.0,
+               chunk: int = 1 << 20, go_fast: threading.Event | None = None) -> None:
+        """GET `path` reading `chunk` bytes at a time, sleeping `pause` between reads
+        (until `go_fast` is set); records in `out` the status, the bytes read and their
+        digest, or the exception.  Meant to run in a thread while a test makes trouble."""
+        h = hashlib.sha256()
+        out["read"] = 0
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            out["status"] = response.status
+            while data := response.read(chunk):
+                h.update(data)
+                out["read"] += len(data)
+                if pause and not (go_fast is not None and go_fast.is_set()):
+                    time.sleep(pause)
+            out["digest"] = "sha256:" + h.hexdigest()
+        except Exception as e:  # for the test to assert
+            out["error"] = e
+        finally:
+            conn.close()
+
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:
             for line in f:
@@ -114,4 +167,4 @@ class Docxy:
         self.stop()
 
 
-__all__ = ["Docxy", "twistd_path"]
+__all__ = ["Docxy", "cached_blob", "mirror_args", "twistd_path"]

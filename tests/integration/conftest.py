@@ -34,11 +34,9 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
         up.stop()
 
 
-from harness.daemon import Docxy  # noqa: E402
+from harness.daemon import Docxy, mirror_args  # noqa: E402
 
 
-def _mirror_args(up: Upstream) -> list[str]:
-    return ["--upstream", up.registry_url, "--upstream-ca", str(up.ca_path), "--library"]
 
 
 def _running(daemon: Docxy) -> Iterator[Docxy]:
@@ -55,13 +53,13 @@ def docxy_tls(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> I
     front of the test upstream, pass-through auth; its plain port only redirects."""
     workdir = tmp_path_factory.mktemp("docxy-tls")
     cert = upstream.intermediate_ca.issue_server("docxy", ["127.0.0.1", "localhost"])
-    yield from _running(Docxy(workdir, _mirror_args(upstream), tls=(cert.chain_path, cert.key_path)))
+    yield from _running(Docxy(workdir, mirror_args(upstream), tls=(cert.chain_path, cert.key_path)))
 
 
 @pytest.fixture(scope="session")
 def docxy_plain(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docxy]:
     """docxy over plain HTTP in front of the test upstream, pass-through auth."""
-    yield from _running(Docxy(tmp_path_factory.mktemp("docxy-plain"), _mirror_args(upstream)))
+    yield from _running(Docxy(tmp_path_factory.mktemp("docxy-plain"), mirror_args(upstream)))
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +70,7 @@ def docxy_mirror(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -
     credentials = workdir / "upstream-credentials"
     credentials.write_text(f"{user}:{password}\n")
     credentials.chmod(0o600)
-    args = _mirror_args(upstream) + ["--mirror-mode", "--upstream-credentials", str(credentials)]
+    args = mirror_args(upstream) + ["--mirror-mode", "--upstream-credentials", str(credentials)]
     yield from _running(Docxy(workdir, args))
 
 

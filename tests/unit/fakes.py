@@ -17,6 +17,7 @@ from docxy.cache.blobs import BlobCache
 from docxy.cache.manifests import ManifestCache
 from docxy.cache.store import BlobStore
 from docxy.config import Config
+from docxy.metrics import Metrics
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
 from docxy.selection import UpstreamTable
@@ -92,6 +93,31 @@ class FakeUpstream:
         return [u for _, u, _, _ in self.calls]
 
 
+def blob_upstream(data: bytes, auto: bool = True) -> tuple[FakeUpstream, list[FakeResponse]]:
+    """An upstream that answers every blob GET with `data` (a HEAD with its length) and
+    `/v2/` with 200; the GET responses it handed out are in the list, for a test to drive
+    by hand when `auto` is off."""
+    responses: list[FakeResponse] = []
+
+    def respond(method, url, headers, body):
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
+        if method == b"HEAD":
+            return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
+        response = FakeResponse(200, body=data, length=len(data), auto=auto)
+        responses.append(response)
+        return response
+
+    return FakeUpstream(respond), responses
+
+
+def get(site, path: str, headers=()) -> "Exchange":
+    """A GET on a new connection; the Exchange holds the answer."""
+    ex = Exchange(site)
+    ex.send("GET", path, headers)
+    return ex
+
+
 def hub(url: str = "https://registry.test", **settings) -> Upstream:
     """The docker.io upstream (library/ on) at `url`, with `settings` on top."""
     return attrs.evolve(PRESETS["docker.io"], url=url, **settings)
@@ -103,8 +129,9 @@ def hub_config(url: str = "https://registry.test", upstream: dict | None = None,
 
 
 def make_site(config: Config | None = None, upstream: FakeUpstream | None = None, names=(),
-              with_cache: bool = False, own_hosts=()):
-    """A site over `config` whose every upstream is answered by the one FakeUpstream."""
+              with_cache: bool = False, own_hosts=(), policy=None):
+    """A site over `config` whose every upstream is answered by the one FakeUpstream;
+    `policy(metrics, clock)` builds the ClientPolicy (default: everyone, no limits)."""
     config = config or hub_config()
     upstream = upstream or FakeUpstream()
     clock = Clock()
@@ -116,7 +143,8 @@ def make_site(config: Config | None = None, upstream: FakeUpstream | None = None
     if with_cache:
         store = BlobStore(config.cache_dir, config.cache_max_size)
         blobs = BlobCache(store, clock, config.idle_timeout, threaded_fills=False)
-        manifests = ManifestCache(store, clock, config.tag_ttl)
+        manifests = ManifestCache(store, clock, config.tag_ttl, config.idle_timeout)
+    metrics = Metrics()
     context = Context(
         config=config,
         table=UpstreamTable(config.upstreams, config.default_upstream, own_hosts),
@@ -125,8 +153,9 @@ def make_site(config: Config | None = None, upstream: FakeUpstream | None = None
         server_names=names,
         blobs=blobs,
         manifests=manifests,
+        **({"policy": policy(metrics, clock), "metrics": metrics} if policy else {}),
     )
-    return DocxySite(api_resource(context), clock), upstream, clock
+    return DocxySite(api_resource(context), clock, context.metrics), upstream, clock
 
 
 class Exchange:

@@ -37,9 +37,9 @@ def certs(tmp_path_factory):
 
 
 def test_defaults_listen_on_8080_and_hub():
-    """With neither --listen nor --tls docxy serves the API on tcp:8080 for Docker Hub."""
+    """With neither --listen nor --tls docxy serves the API on 127.0.0.1:8080 for Docker Hub."""
     config = parse([]).config()
-    assert config.listen == ("tcp:8080",) and config.tls == ()
+    assert config.listen == ("tcp:8080:interface=127.0.0.1",) and config.tls == ()
     assert [u.name for u in config.upstreams] == ["docker.io"]
     assert config.default.url == "https://registry-1.docker.io"
     assert config.default.library is True
@@ -148,7 +148,7 @@ def test_every_key_form_loads(certs, kind, key_attr):
     server = certs[kind]
     head = getattr(server, key_attr).read_bytes().splitlines()[0]
     assert head in (b"-----BEGIN EC PRIVATE KEY-----", b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----")
-    options = parse(["--tls", "tcp:0", "--cert", str(server.chain_path), "--key", str(getattr(server, key_attr))])
+    options = parse(["--tls", "tcp:0:interface=127.0.0.1", "--cert", str(server.chain_path), "--key", str(getattr(server, key_attr))])
     assert _services(options)
 
 
@@ -171,12 +171,12 @@ def _start_error(capsys, argv):
 
 
 def test_missing_certificate_is_one_clear_line(certs, capsys):
-    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", "/nonexistent.pem", "--key", str(certs["ec"].key_path)])
+    message = _start_error(capsys, ["--tls", "tcp:0:interface=127.0.0.1", "--cert", "/nonexistent.pem", "--key", str(certs["ec"].key_path)])
     assert "cannot read certificate file /nonexistent.pem" in message
 
 
 def test_mismatched_key_is_one_clear_line(certs, capsys):
-    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", str(certs["ec"].chain_path), "--key", str(certs["rsa"].key_path)])
+    message = _start_error(capsys, ["--tls", "tcp:0:interface=127.0.0.1", "--cert", str(certs["ec"].chain_path), "--key", str(certs["rsa"].key_path)])
     assert "does not match" in message
 
 
@@ -185,14 +185,14 @@ def test_encrypted_key_is_one_clear_line(certs, capsys, tmp_path):
     encrypted = tmp_path / "enc.key"
     encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.BestAvailableEncryption(b"pw")))
-    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", str(certs["ec"].chain_path), "--key", str(encrypted)])
+    message = _start_error(capsys, ["--tls", "tcp:0:interface=127.0.0.1", "--cert", str(certs["ec"].chain_path), "--key", str(encrypted)])
     assert "encrypted" in message
 
 
 def test_garbage_certificate_is_one_clear_line(certs, capsys, tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    message = _start_error(capsys, ["--tls", "tcp:0", "--cert", str(bad), "--key", str(certs["ec"].key_path)])
+    message = _start_error(capsys, ["--tls", "tcp:0:interface=127.0.0.1", "--cert", str(bad), "--key", str(certs["ec"].key_path)])
     assert "holds no PEM certificate" in message
 
 
