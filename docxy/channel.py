@@ -121,6 +121,10 @@ class DocxyChannel(HTTPChannel):
             + b"connection: close\r\n\r\n"
         )
         self.transport.write(head + body)
+        metrics = getattr(getattr(self, "site", None), "metrics", None)
+        if metrics is not None:  # never reaches the site's request log: count it here
+            metrics.count_request("other", status, 0.0, len(head) + len(body), "local")
+            metrics.refusals.labels("bad_request").inc()
         self._linger = self.callLater(LINGER, self._close)
 
     def _close(self) -> None:

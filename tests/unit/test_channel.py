@@ -95,6 +95,11 @@ def test_oversized_and_malformed_requests_get_json_errors(raw, status):
     assert json.loads(body)["errors"][0]["message"]
     clock.advance(3)
     assert ex.transport.disconnecting
+    # never in the site's request log, but counted
+    registry = site.metrics.registry
+    assert registry.get_sample_value("docxy_refusals_total", {"reason": "bad_request"}) == 1
+    assert registry.get_sample_value(
+        "docxy_requests_total", {"endpoint": "other", "status": str(status)}) == 1
 
 
 def test_a_chunked_body_is_capped():
