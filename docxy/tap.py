@@ -1,44 +1,30 @@
-"""`twistd docxy`: the command line, the environment, and the wiring of the service.
+"""`twistd docxy`: the command line and the environment.
 
 This is the only module that reads options or environment variables.  It builds one
-immutable `Config` and hands it to everything else.
+immutable `Config` and hands it to `docxy.service.build_service`.
 """
 from __future__ import annotations
 
 import os
 import re
-import resource
 import sys
-from urllib.parse import urlsplit
 
-from twisted.application import service, strports
-from twisted.internet import defer, threads
+from twisted.application import service
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from docxy.activation import adopted_port
-from docxy.cache.blobs import BlobCache
-from docxy.cache.manifests import ManifestCache
-from docxy.cache.store import BlobStore
-from docxy.certreload import CertificateReloader, CurrentCertificate
-from docxy.clienttokens import TokenIssuer
 from docxy.config import Config
-from docxy.htpasswd import Htpasswd, HtpasswdError
-from docxy.lifecycle import GracefulStop
-from docxy.logs import LOG_FORMATS, DocxyService, log_observer
-from docxy.measured import MeasuredClient
-from docxy.metrics import Metrics
-from docxy.netacl import NetworkPolicy, is_local_endpoint, parse_networks
-from docxy.policy import ClientPolicy
-from docxy.ratelimit import RateLimiter, parse_rate
-from docxy.proxy import RegistryProxy
-from docxy.resources._base import Context
-from docxy.selection import UpstreamTable
-from docxy.site import DocxySite, api_resource, metrics_resource_tree, redirect_resource
-from docxy.tls import ServerTLS, TLSConfigError, upstream_trust
-from docxy.tokens import CredentialsError, UpstreamAuth, read_credentials
-from docxy.upstream import UpstreamClient
+from docxy.logs import LOG_FORMATS
+from docxy.netacl import parse_networks
+from docxy.ratelimit import parse_rate
+from docxy.service import (
+    AccessConfigError,
+    CacheConfigError,
+    build_service,
+    raise_open_files_limit,
+)
+from docxy.tls import TLSConfigError
+from docxy.tokens import CredentialsError
 from docxy.upstreams import (
     ConfigFileError,
     FileSettings,
@@ -50,9 +36,6 @@ from docxy.upstreams import (
 
 log = Logger()
 
-
-class CacheConfigError(Exception):
-    """A cache directory that cannot be used; the message is shown as it is."""
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _TRUE = {"1", "true", "yes", "on"}
@@ -99,22 +82,6 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise usage.UsageError("--cache-max-size must be positive")
     return int(value)
-
-
-def endpoint_port(description: str) -> int | None:
-    """The port of a strports description (`tcp:5443:interface=...`, `tcp:port=5443`,
-    `5443`), or None when it has none (unix:, systemd:)."""
-    parts = re.split(r"(?<!\\):", description)
-    if len(parts) == 1 and parts[0].isdigit():
-        return int(parts[0])
-    if parts[0] not in ("tcp", "tcp6", "ssl"):
-        return None
-    for part in parts[1:]:
-        if part.isdigit():
-            return int(part)
-        if part.startswith("port=") and part[5:].isdigit():
-            return int(part[5:])
-    return None
 
 
 class Options(usage.Options):
@@ -425,164 +392,6 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             trusted_proxies=tuple(self["trusted-proxy"]),
             rate_limit=self.rate_limit,
         )
-
-
-class _ClosePools(service.Service):
-    """Closes the upstream connection pools when the daemon stops."""
-
-    def __init__(self, clients: list[UpstreamClient]) -> None:
-        self._clients = clients
-
-    def stopService(self):
-        super().stopService()
-        return defer.gatherResults([c.close() for c in self._clients])
-
-
-def _proxies(
-    config: Config, reactor, metrics: Metrics
-) -> tuple[dict[str, RegistryProxy], list[UpstreamClient]]:
-    """One RegistryProxy per upstream; upstreams trusting the same CAs share a client (and
-    its connection pool), each proxy seeing it through its registry's metrics.  Raises
-    TLSConfigError or CredentialsError."""
-    clients: dict[str | None, UpstreamClient] = {}
-    proxies = {}
-    for upstream in config.upstreams:
-        client = clients.get(upstream.ca)
-        if client is None:
-            client = clients[upstream.ca] = UpstreamClient(
-                reactor,
-                upstream_trust(upstream.ca),
-                connect_timeout=config.connect_timeout,
-                header_timeout=config.header_timeout,
-                max_redirects=config.max_redirects,
-                pool_size=config.pool_size,
-            )
-        credentials = read_credentials(upstream.credentials) if upstream.credentials else None
-        auth = UpstreamAuth(upstream, client, reactor, credentials)
-        measured = MeasuredClient(client, metrics, upstream.name, reactor)
-        proxies[upstream.name] = RegistryProxy(upstream, measured, auth, reactor)
-    return proxies, list(clients.values())
-
-
-class AccessConfigError(Exception):
-    """Access settings that would make an open relay, or a users file that cannot be used."""
-
-
-def _client_policy(config: Config, metrics: Metrics, reactor) -> ClientPolicy:
-    """Who may use the mirror.  Refuses to start an open relay: without a users file docxy
-    serves only loopback listeners, unless the operator said --allow-anonymous."""
-    if not config.htpasswd and not config.allow_anonymous:
-        public = [d for d in config.listen + config.tls if not is_local_endpoint(d)]
-        if public:
-            raise AccessConfigError(
-                f"{' '.join(public)} is not a loopback address, and without --htpasswd anyone "
-                "who reaches it pulls through docxy (an open mirror): give --htpasswd FILE, "
-                "listen on 127.0.0.1, or accept it with --allow-anonymous"
-            )
-    networks = NetworkPolicy(
-        allow=parse_networks(config.allow_networks, "--allow-net"),
-        deny=parse_networks(config.deny_networks, "--deny-net"),
-        trusted_proxies=parse_networks(config.trusted_proxies, "--trusted-proxy"),
-    )
-    users = issuer = None
-    if config.htpasswd:
-        try:
-            users = Htpasswd(config.htpasswd, threads.deferToThread)
-        except HtpasswdError as e:
-            raise AccessConfigError(str(e)) from None
-        issuer = TokenIssuer(reactor)
-    limiter = RateLimiter(*config.rate_limit, reactor) if config.rate_limit else None
-    return ClientPolicy(networks, metrics, users, issuer, limiter)
-
-
-def build_service(config: Config, reactor) -> service.MultiService:
-    """Everything the daemon runs, from one Config.  Raises TLSConfigError,
-    CredentialsError or CacheConfigError for files that cannot be used."""
-    server_tls = ServerTLS(config.cert_path, config.key_path) if config.tls else None
-    own = config.server_names + (server_tls.names() if server_tls else ())
-    if config.public_url:
-        own += (urlsplit(config.public_url).hostname or "",)
-    table = UpstreamTable(config.upstreams, config.default_upstream, own)
-    # A Host naming an upstream is one of ours too: realms may be built from it.
-    names = tuple(dict.fromkeys(own + tuple(h for u in config.upstreams for h in u.hosts)))
-    metrics = Metrics()
-    proxies, clients = _proxies(config, reactor, metrics)
-    blobs = manifests = None
-    if config.cache_dir:
-        try:
-            store = BlobStore(config.cache_dir, config.cache_max_size)
-        except OSError as e:
-            raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
-        blobs = BlobCache(store, reactor, config.idle_timeout)
-        manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout)
-        metrics.watch_cache(blobs, manifests)
-    context = Context(
-        config=config,
-        table=table,
-        proxies=proxies,
-        reactor=reactor,
-        server_names=names,
-        blobs=blobs,
-        manifests=manifests,
-        metrics=metrics,
-        policy=_client_policy(config, metrics, reactor),
-    )
-    top = DocxyService(log_observer(config.log_format))
-    api_site = DocxySite(api_resource(context), reactor, metrics, config.request_timeout)
-    # Every HTTPS listener asks `certificate` per connection: a reload reaches new ones.
-    certificate = CurrentCertificate(server_tls) if server_tls else None
-    tls_listeners = []
-    for description in config.tls:
-        factory = TLSMemoryBIOFactory(certificate, False, api_site)
-        tls_listeners.append(strports.service(description, factory, reactor=reactor))
-        tls_listeners[-1].setServiceParent(top)
-    if config.tls:
-        https_port = (endpoint_port(config.tls[0])
-                      or adopted_port(tls_listeners[0].endpoint) or 443)
-        plain_site = DocxySite(redirect_resource(config, names, https_port, context), reactor,
-                               metrics, config.request_timeout)
-    else:
-        plain_site = api_site
-    for description in config.listen:
-        strports.service(description, plain_site, reactor=reactor).setServiceParent(top)
-    if config.metrics_listen:
-        metrics_site = DocxySite(metrics_resource_tree(context), reactor, metrics,
-                                 config.request_timeout)
-        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
-    _ClosePools(clients).setServiceParent(top)
-    if certificate is not None:
-        CertificateReloader(certificate, config.cert_path, config.key_path, reactor,
-                            config.cert_check_interval).setServiceParent(top)
-    sites = (api_site,) if plain_site is api_site else (api_site, plain_site)
-    GracefulStop([site.active for site in sites], reactor,
-                 config.stop_timeout).setServiceParent(top)
-    for upstream in config.upstreams:
-        log.info(
-            "docxy: mirroring {name} from {url}{default}",
-            name=upstream.name,
-            url=upstream.url,
-            default=" (default)" if upstream.name == config.default_upstream else "",
-        )
-    log.info(
-        "docxy: listening on {listen} (plain) {tls} (TLS); /metrics on {metrics}",
-        listen=" ".join(config.listen) or "-",
-        tls=" ".join(config.tls) or "-",
-        metrics=config.metrics_listen or "the API's endpoints",
-    )
-    return top
-
-
-def raise_open_files_limit() -> None:
-    """Every client and every upstream connection is a file descriptor; the usual soft
-    limit of 1024 is reached by a few hundred busy clients.  Raise it to the hard limit."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY:
-            hard = 1 << 20
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as e:
-        log.warn("could not raise the open files limit: {err}", err=str(e))
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:

@@ -125,7 +125,7 @@ def test_request_timeout_option_and_environment():
 def test_request_timeout_reaches_the_site():
     from twisted.internet.task import Clock
 
-    from docxy.tap import build_service
+    from docxy.service import build_service
 
     options = Options(environ={})
     options.parseOptions(["--request-timeout", "9", "--no-cache"])

@@ -8,7 +8,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from docxy.site import DocxySite
-from docxy.tap import Options, endpoint_port, makeService, parse_size
+from docxy.service import endpoint_port
+from docxy.tap import Options, makeService, parse_size
 from docxy.tokens import CredentialsError, read_credentials
 from harness.pki import CertificateAuthority
 

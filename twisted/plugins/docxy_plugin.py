@@ -1,4 +1,4 @@
-"""twistd plugin: `twistd docxy` (all wiring lives in docxy.tap)."""
+"""twistd plugin: `twistd docxy` (options in docxy.tap, wiring in docxy.service)."""
 from twisted.application.service import ServiceMaker
 
 docxy = ServiceMaker(
