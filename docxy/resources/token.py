@@ -2,7 +2,8 @@
 clients to.  The upstream is the one the realm names, else the one the scopes' names
 select (a path prefix, or none for the default upstream; see docxy.selection).  GET and
 containerd's POST form flow are forwarded to that upstream's token service with its own
-service name and the scopes in its own names; Basic credentials pass through."""
+service name and the scopes in its own names; Basic credentials pass through.  With client
+authentication on (--htpasswd), docxy is the token service itself: see `_login`."""
 from __future__ import annotations
 
 from urllib.parse import parse_qsl
@@ -10,8 +11,8 @@ from urllib.parse import parse_qsl
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.answers import answer_later, relay, send_error, send_json
-from docxy.policy import basic_credentials
 from docxy.names import InvalidRequest, is_valid_name, scope_repositories
+from docxy.policy import basic_credentials
 from docxy.resources._base import LeafResource, query_pairs
 
 PATH = b"/auth/token"
@@ -39,16 +40,15 @@ class TokenResource(LeafResource):
         ctx = self.context
         if not ctx.policy.admit_rate(request):
             return NOT_DONE_YET
-        asked = [v for k, v in (query_pairs(request) if form is None else form) if k == "scope"]
-        refusal = _bad_scopes(asked)
+        query = query_pairs(request)
+        scopes = [v for k, v in (query if form is None else form) if k == "scope"]
+        refusal = _bad_scopes(scopes)
         if refusal is not None:
             request.docxy_what = ("/auth/token", "")
             send_error(request, 400, *refusal)
             return NOT_DONE_YET
         if ctx.policy.auth_required:
             return self._login(request, form)
-        query = query_pairs(request)
-        scopes = [v for k, v in (query if form is None else form) if k == "scope"]
         try:
             upstream, prefix = ctx.table.select_token(
                 _realm_name(request.path), [n for s in scopes for n in scope_repositories(s)]
