@@ -42,6 +42,7 @@ class ChallengeResource(PullResource):
         try:
             selection, proxy = ctx.select(request, b"/v2/")
         except InvalidRequest as e:
+            ctx.policy.refused("not_mirrored")
             send_error(request, e.status, e.code, e.message)
             return NOT_DONE_YET
         if ctx.policy.auth_required:

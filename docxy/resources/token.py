@@ -55,6 +55,8 @@ class TokenResource(LeafResource):
             )
         except InvalidRequest as e:
             request.docxy_what = ("/auth/token", "")
+            if e.code == "NAME_UNKNOWN":
+                ctx.policy.refused("not_mirrored")
             send_error(request, e.status, e.code, e.message)
             return NOT_DONE_YET
         request.docxy_what = (f"/auth/token/{upstream.name}", "")
@@ -62,11 +64,15 @@ class TokenResource(LeafResource):
         strip = f"{prefix}/" if prefix else None
 
         async def work() -> None:
-            response = await proxy.token(method, query, form, request.requestHeaders, strip)
+            try:
+                response = await proxy.token(method, query, form, request.requestHeaders, strip)
+            except InvalidRequest as e:
+                if e.code == "DENIED":  # a repository outside the registry's patterns
+                    ctx.policy.refused("repository")
+                raise
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, None)
 
         return answer_later(request, work)
-
 
     def _login(self, request, form: list[tuple[str, str]] | None):
         """Client authentication is on: docxy is the token service.  Basic credentials

@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from docxy.config import Config
+from docxy.netacl import NetworkPolicy
+from docxy.policy import ClientPolicy
 from docxy.upstreams import Upstream
 
 from .fakes import Exchange, FakeResponse, FakeUpstream, hub, make_site
@@ -106,11 +108,20 @@ def test_prefix_host_and_default_select_too():
 def test_unconfigured_registries_are_refused_and_nothing_is_sent(path, host):
     """An unknown ns, prefix, Host or token realm gets a registry JSON error, and no
     request leaves docxy."""
-    site, upstream, _ = make_site(config(), FakeUpstream(registries), own_hosts=("mirror.example",))
+    seen = {}
+
+    def policy(metrics, clock):
+        seen["metrics"] = metrics
+        return ClientPolicy(NetworkPolicy(), metrics)
+
+    site, upstream, _ = make_site(config(), FakeUpstream(registries),
+                                  own_hosts=("mirror.example",), policy=policy)
     status, headers, body = send(site, path, BEARER, host=host)
     assert status == 404 and headers[b"content-type"] == [b"application/json"]
     assert [e["code"] for e in json.loads(body)["errors"]] == ["NAME_UNKNOWN"]
     assert upstream.calls == []
+    assert seen["metrics"].registry.get_sample_value(
+        "docxy_refusals_total", {"reason": "not_mirrored"}) == 1
 
 
 def test_challenges_point_at_the_token_endpoint_of_the_selection():
@@ -164,7 +175,15 @@ def test_token_requests_reach_the_selected_token_service(path, token_url):
 def test_repository_patterns_refuse_without_asking():
     """A repository outside an upstream's patterns is DENIED (403) for pulls and tokens,
     and nothing goes upstream."""
-    site, upstream, _ = make_site(config(repositories=("org/*",)), FakeUpstream(registries))
+    seen = {}
+
+    def policy(m, clock):
+        seen["m"] = m
+        return ClientPolicy(NetworkPolicy(), m)
+
+    site, upstream, _ = make_site(config(repositories=("org/*",)), FakeUpstream(registries),
+                                  policy=policy)
+    metrics = seen["m"].registry
     assert send(site, "/v2/org/app/manifests/1?ns=ghcr.io", BEARER)[0] == 200
     calls = len(upstream.calls)
     for path in ("/v2/other/app/manifests/1?ns=ghcr.io",
@@ -174,6 +193,7 @@ def test_repository_patterns_refuse_without_asking():
         status, _, body = send(site, path, BEARER)
         assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED", path
     assert len(upstream.calls) == calls
+    assert metrics.get_sample_value("docxy_refusals_total", {"reason": "repository"}) == 4
 
 
 def test_a_blob_is_stored_once_whichever_registry_it_came_from(tmp_path):
