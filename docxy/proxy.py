@@ -97,6 +97,25 @@ class RegistryProxy:
         query: list[tuple[str, str]],
         follow_redirects: bool = True,
     ) -> IResponse:
+        response = await self._pull(route, method, client_headers, query, follow_redirects)
+        if (
+            route.kind == "blobs"
+            and response.code in (200, 206)
+            and not response.headers.hasHeader(b"docker-content-digest")
+        ):
+            # A CDN at the end of a redirect does not say which blob it served; the digest
+            # is the blob's name, and clients expect the header on GET and HEAD.
+            response.headers.setRawHeaders(b"docker-content-digest", [route.reference.encode("ascii")])
+        return response
+
+    async def _pull(
+        self,
+        route: Route,
+        method: bytes,
+        client_headers: Headers,
+        query: list[tuple[str, str]],
+        follow_redirects: bool,
+    ) -> IResponse:
         config = self.upstream
         url = config.base + upstream_path(route, config.library)
         if route.kind == "tags":
@@ -164,6 +183,4 @@ class RegistryProxy:
             headers.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
             return await self.auth.ask(b"POST", endpoint.realm, headers, body)
         params = token_params(query, endpoint, library, _TOKEN_PARAMS, strip)
-        separator = "&" if "?" in endpoint.realm else "?"
-        url = f"{endpoint.realm}{separator}{urlencode(params)}" if params else endpoint.realm
-        return await self.auth.ask(b"GET", url, headers)
+        return await self.auth.ask(b"GET", endpoint.url(params), headers)

@@ -44,6 +44,13 @@ class AuthEndpoint:
     realm: str
     service: str
 
+    def url(self, params: list[tuple[str, str]]) -> str:
+        """The realm with `params` added to whatever query it already has."""
+        if not params:
+            return self.realm
+        separator = "&" if "?" in self.realm else "?"
+        return f"{self.realm}{separator}{urlencode(params)}"
+
 
 def read_credentials(path: str) -> tuple[str, str]:
     """Read `username:password` (one line) or JSON {"username": ..., "password": ...}."""
@@ -257,12 +264,9 @@ class UpstreamAuth:
         if endpoint is None:
             self._down_until = None
             return False
-        query = urlencode([("service", endpoint.service)]) if endpoint.service else ""
-        separator = "&" if "?" in endpoint.realm else "?"
+        query = [("service", endpoint.service)] if endpoint.service else []
         try:
-            response = await self.ask(
-                b"GET", f"{endpoint.realm}{separator}{query}" if query else endpoint.realm, Headers()
-            )
+            response = await self.ask(b"GET", endpoint.url(query), Headers())
             await read_small_body(response, reactor=self._reactor)
         except UpstreamError as e:
             self._service_failed(e.message)
@@ -292,9 +296,7 @@ class UpstreamAuth:
         if self._credentials:
             headers.setRawHeaders(b"authorization", [basic_authorization(*self._credentials)])
             query.append(("account", self._credentials[0]))
-        separator = "&" if "?" in endpoint.realm else "?"
-        url = f"{endpoint.realm}{separator}{urlencode(query)}"
-        response = await self.ask(b"GET", url, headers)
+        response = await self.ask(b"GET", endpoint.url(query), headers)
         body = await read_small_body(response, reactor=self._reactor)
         if response.code != 200:
             log.warn(

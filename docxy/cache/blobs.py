@@ -155,8 +155,6 @@ class BlobCache:
     def _relay_uncached(self, request, response, digest: str, why: str) -> None:
         self.stats.uncached += 1
         log.warn("relaying {digest} uncached: {why}", digest=digest, why=why)
-        if not response.headers.hasHeader(b"docker-content-digest"):
-            response.headers.setRawHeaders(b"docker-content-digest", [digest.encode("ascii")])
         relay(request, response, self._reactor, self._idle_timeout, None)
 
     def _note_write_error(self, error: OSError | None) -> None:

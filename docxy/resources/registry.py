@@ -56,13 +56,6 @@ class RegistryResource(PullResource):
             response = await proxy.pull(
                 route, request.method, request.requestHeaders, query_pairs(request)
             )
-            if route.kind == "blobs" and response.code in (200, 206):
-                # A CDN at the end of a redirect does not say which blob it served; the
-                # digest is the blob's name, and clients expect the header on GET and HEAD.
-                if not response.headers.hasHeader(b"docker-content-digest"):
-                    response.headers.setRawHeaders(
-                        b"docker-content-digest", [route.reference.encode("ascii")]
-                    )
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm)
 
         return answer_later(request, work)

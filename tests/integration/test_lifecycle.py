@@ -24,7 +24,7 @@ from harness.procs import ManagedProcess, free_port, poll_until, port_open
 
 pytestmark = pytest.mark.integration
 
-SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
+SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"  # Debian package systemd (tests/run)
 CHUNK = 64 * 1024
 
 
@@ -318,7 +318,6 @@ def _activated(workdir: Path, listen: list[int], names: str, args: list[str]) ->
     return process
 
 
-@pytest.mark.skipif(not os.path.exists(SOCKET_ACTIVATE), reason="needs systemd-socket-activate")
 def test_socket_activation_serves_tls_and_redirects_to_the_inherited_port(upstream, warm_cache, tmp_path):
     """Inherited sockets: HTTPS serves on the first, the second redirects to the first's port."""
     layer = _large_layer(upstream)
@@ -359,7 +358,6 @@ def test_socket_activation_serves_tls_and_redirects_to_the_inherited_port(upstre
         process.stop()
 
 
-@pytest.mark.skipif(not os.path.exists(SOCKET_ACTIVATE), reason="needs systemd-socket-activate")
 def test_socket_activation_serves_plain_http(upstream, warm_cache, tmp_path):
     """With one inherited socket as --listen, docxy serves the registry API on it."""
     layer = _large_layer(upstream)

@@ -10,7 +10,6 @@ import base64
 import hashlib
 import http.client
 import json
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -281,7 +280,6 @@ def _skopeo(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
 def test_skopeo_against_upstream(upstream: Upstream, tmp_path: Path) -> None:
     """skopeo inspects and copies public images anonymously and the private one with creds."""
     certs = str(upstream.cert_dir)
