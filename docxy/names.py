@@ -94,12 +94,12 @@ def parse_route(path: bytes) -> Route:
             raise InvalidRequest("UNSUPPORTED", "unknown tags endpoint", 404)
     elif kind == "blobs":
         if not is_valid_digest(ref):
-            raise InvalidRequest("DIGEST_INVALID", "invalid digest")
-    elif ":" in ref:
-        if not is_valid_digest(ref):
-            raise InvalidRequest("DIGEST_INVALID", "invalid digest")
-    elif not is_valid_tag(ref):
-        raise InvalidRequest("TAG_INVALID", "invalid tag")
+            # No blob has that name: "not found", as the distribution spec answers.
+            raise InvalidRequest("BLOB_UNKNOWN", "blob unknown: not a digest", 404)
+    elif not (is_valid_digest(ref) if ":" in ref else is_valid_tag(ref)):
+        # Neither a tag nor a digest: no such manifest can exist (the OCI conformance
+        # suite asks for `.INVALID_MANIFEST_NAME` and expects 404).
+        raise InvalidRequest("MANIFEST_UNKNOWN", "manifest unknown: not a tag or a digest", 404)
     return Route(name=name, kind=kind, reference=ref)
 
 
