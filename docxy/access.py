@@ -15,11 +15,11 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from docxy.answers import discard_body
 from docxy.headers import MANIFEST_ACCEPT
 from docxy.names import Route, upstream_name
 from docxy.tokens import bearer_expiry
-from docxy.upstream import UpstreamError
+from docxy.upstream.bodies import discard
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 
@@ -126,7 +126,7 @@ class AccessGate:
         response = await self._proxy.pull(route, b"HEAD", headers, [], follow_redirects=False)
         if response.code not in _YES:
             return response
-        discard_body(response)
+        discard(response)
         self.note_allowed(route, client_headers)
         return None
 
@@ -161,7 +161,7 @@ class AccessGate:
         except UpstreamError:
             self._probed.pop(name, None)  # no answer is no knowledge: ask again next time
             raise
-        discard_body(response)
+        discard(response)
         if response.code in _YES:
             self.note_link(route)
             self._public[name] = self._reactor.seconds() + PUBLIC_TTL

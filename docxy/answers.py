@@ -21,7 +21,8 @@ from docxy.names import InvalidRequest
 from docxy.publicurl import Arrival, external_base
 from docxy.relay import request_gone, stream
 from docxy.selection import Selection
-from docxy.upstream import UpstreamError
+from docxy.upstream.bodies import Resumer, body_length, discard
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 
@@ -96,14 +97,16 @@ def relay(
     reactor,
     idle_timeout: float,
     realm: Realm | None,
+    resumer: Resumer | None = None,
 ) -> None:
-    """Answer `request` with `response`: status, headers and the body, streamed.
+    """Answer `request` with `response`: status, headers and the body, streamed (and,
+    with `resumer`, resumed after a cut).
 
     `realm` rewrites a relayed challenge to point at docxy; None strips the challenge
     (mirror mode: clients are never asked to authenticate).
     """
     if request_gone(request):
-        discard_body(response)
+        discard(response)
         return
     request.setResponseCode(response.code, response.phrase)
     for name, values in relayed_response_headers(response.headers):
@@ -115,7 +118,7 @@ def relay(
     length = body_length(response)
     if length is not None and response.code not in (204, 304):
         request.setHeader(b"content-length", b"%d" % length)
-    stream(request, response, reactor, idle_timeout)
+    stream(request, response, reactor, idle_timeout, resumer)
 
 
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}
@@ -125,7 +128,7 @@ def refuse(request, head: IResponse, realm: Realm | None) -> None:
     """Answer a client with the upstream's refusal learned from a HEAD (an access check):
     its status and challenge (pointed at `realm`), and a JSON error body of our own, since
     a HEAD answer has no body to relay."""
-    discard_body(head)
+    discard(head)
     if request_gone(request):
         return
     for value in head.headers.getRawHeaders(b"www-authenticate", []) if realm else []:
@@ -137,33 +140,6 @@ def refuse(request, head: IResponse, realm: Realm | None) -> None:
         request.responseHeaders.setRawHeaders(b"retry-after", retry)
     code = _REFUSAL_CODES.get(head.code, "DENIED" if head.code < 500 else "UNAVAILABLE")
     send_error(request, head.code, code, "the upstream refused this request")
-
-
-def body_length(response: IResponse) -> int | None:
-    """The upstream's Content-Length.  The HTTP client keeps it only as `length` for a body,
-    and only as a header for HEAD (where `length` is 0); a HEAD answer must carry it."""
-    header = response.headers.getRawHeaders(b"content-length", [None])[0]
-    if header is not None and header.strip().isdigit():
-        return int(header.strip())
-    return response.length if isinstance(response.length, int) else None
-
-
-def discard_body(response: IResponse) -> None:
-    """Close the body of a response nobody wants any more."""
-    response.deliverBody(_Dropped())
-
-
-class _Dropped:
-    """Body protocol that closes the connection at once."""
-
-    def makeConnection(self, transport) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason) -> None:
-        pass
 
 
 def answer_later(request, work: Callable[[], Awaitable[None]]) -> Any:

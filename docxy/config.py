@@ -27,6 +27,8 @@ class Config:
     max_token_body: int = 64 * 1024
     max_redirects: int = 5
     pool_size: int = 32
+    upstream_connections: int = 32  # requests at once per upstream host; more wait
+    resume_attempts: int = 5  # asks in a row, without a byte gained, to resume a cut blob
     cache_dir: str | None = None
     cache_max_size: int | None = None
     tag_ttl: float = 0.0

@@ -4,7 +4,7 @@ registry's name.  It only times and reads headers; the client does the work."""
 from __future__ import annotations
 
 from docxy.metrics import Metrics
-from docxy.upstream import UpstreamError
+from docxy.upstream.errors import UpstreamError
 
 
 class MeasuredClient:

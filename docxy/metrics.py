@@ -71,6 +71,13 @@ class Metrics:
             ["registry"],
             registry=self.registry,
         )
+        self.upstream_resumes = Counter(
+            "docxy_upstream_resumes",
+            "Cut or stalled upstream blob downloads asked again from the byte reached "
+            "(Range), by registry",
+            ["registry"],
+            registry=self.registry,
+        )
         self.ratelimit_remaining = Gauge(
             "docxy_upstream_ratelimit_remaining",
             "The last ratelimit-remaining an upstream sent (Hub: pulls left in its window)",
@@ -104,6 +111,9 @@ class Metrics:
 
     def upstream_failed(self, registry: str) -> None:
         self.upstream_failures.labels(registry).inc()
+
+    def upstream_resumed(self, registry: str) -> None:
+        self.upstream_resumes.labels(registry).inc()
 
     def watch_cache(self, blobs, manifests) -> None:
         """Export the cache's counters (docxy.cache), read at each scrape."""

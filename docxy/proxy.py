@@ -6,8 +6,10 @@ Answers are upstream responses whose bodies are still unread; `docxy.answers` re
 """
 from __future__ import annotations
 
+from typing import Callable
 from urllib.parse import urlencode
 
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -22,8 +24,10 @@ from docxy.names import (
     upstream_name,
     upstream_path,
 )
-from docxy.tokens import AuthEndpoint, UpstreamAuth, read_small_body
-from docxy.upstream import UpstreamClient, UpstreamError
+from docxy.tokens import AuthEndpoint, UpstreamAuth
+from docxy.upstream.bodies import Resumer, discard
+from docxy.upstream.client import UpstreamClient
+from docxy.upstream.errors import UpstreamError
 from docxy.upstreams import Upstream
 
 # Query parameters a pull request may carry upstream (pagination of tag lists); `ns` and
@@ -32,6 +36,10 @@ _TAGS_QUERY = ("n", "last")
 # Parameters of a token request other than service and scope, passed on as they came.
 _TOKEN_PARAMS = ("account", "client_id", "offline_token")
 _TOKEN_FORM = ("grant_type", "client_id", "access_type", "username", "password", "refresh_token")
+# A resumed download asks for its own range; the client's conditions are not its business.
+_NOT_RESUMED = (b"range", b"if-range", b"if-none-match", b"if-modified-since")
+
+log = Logger()
 
 
 def tags_query(pairs: list[tuple[str, str]]) -> str:
@@ -62,12 +70,15 @@ def token_params(
 
 class RegistryProxy:
     def __init__(
-        self, upstream: Upstream, client: UpstreamClient, auth: UpstreamAuth, reactor
+        self, upstream: Upstream, client: UpstreamClient, auth: UpstreamAuth, reactor,
+        resume_attempts: int = 0, on_resume: Callable[[], None] = lambda: None,
     ) -> None:
         self.upstream = upstream
         self._client = client
         self.auth = auth
         self.access = AccessGate(self, reactor)
+        self._resume_attempts = resume_attempts
+        self._on_resume = on_resume
 
     @property
     def name(self) -> str:
@@ -108,6 +119,42 @@ class RegistryProxy:
             response.headers.setRawHeaders(b"docker-content-digest", [route.reference.encode("ascii")])
         return response
 
+    def resumer(self, route: Route, client_headers: Headers) -> Resumer | None:
+        """How a blob body fetched for this client is asked for again after a cut: the
+        same request with a Range, through the registry (so a CDN link that expired is
+        signed anew); None when resuming is off or `route` is no blob."""
+        if self._resume_attempts <= 0 or route.kind != "blobs":
+            return None
+        base = client_headers.copy()
+        for name in _NOT_RESUMED:
+            base.removeHeader(name)
+        scope = f"repository:{upstream_name(route.name, self.library)}:pull"
+
+        async def again(range_value: bytes, if_range: bytes | None) -> IResponse:
+            headers = base.copy()
+            headers.setRawHeaders(b"range", [range_value])
+            if if_range:
+                headers.setRawHeaders(b"if-range", [if_range])
+            response = await self.pull(route, b"GET", headers, [])
+            if response.code == 401 and not self.mirror_mode:
+                # The client's token expired during a long download; docxy's own
+                # anonymous one still reads a repository anyone may pull.
+                token = await self.auth.token(scope)
+                if token:
+                    discard(response)
+                    headers.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
+                    response = await self.pull(route, b"GET", headers, [])
+            return response
+
+        def resumed(position: int, attempt: int, why: str) -> None:
+            log.warn("resuming {registry}/{name}@{digest} from byte {position} (attempt "
+                     "{attempt} of {attempts}): the body {why}", registry=self.name,
+                     name=route.name, digest=route.reference, position=position,
+                     attempt=attempt, attempts=self._resume_attempts, why=why)
+            self._on_resume()
+
+        return Resumer(again, self._resume_attempts, resumed)
+
     async def _pull(
         self,
         route: Route,
@@ -137,7 +184,7 @@ class RegistryProxy:
             if response.code != 401 or token is None or attempt == 2:
                 return response
             # The token was refused (revoked or expired early): get a new one, once.
-            await read_small_body(response)
+            discard(response)
             self.auth.forget(scope)
         raise AssertionError("unreachable")
 

@@ -38,3 +38,34 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     if end <= start:
         return None  # last < first: syntactically invalid, ignore
     return start, end
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d{1,18})-(\d{1,18})/(\d{1,18}|\*)\s*$")
+_UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d{1,18})\s*$")
+
+
+def parse_content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """(start, end_exclusive, total or None) of a 206's `Content-Range: bytes a-b/t`; None
+    when there is none or it makes no sense."""
+    match = _CONTENT_RANGE.match(header or "")
+    if match is None:
+        return None
+    first, last, total = match.groups()
+    start, end = int(first), int(last) + 1
+    size = None if total == "*" else int(total)
+    if end <= start or (size is not None and end > size):
+        return None
+    return start, end, size
+
+
+def unsatisfied_size(header: str | None) -> int | None:
+    """The size a 416's `Content-Range: bytes */N` gives, or None."""
+    match = _UNSATISFIED.match(header or "")
+    return int(match.group(1)) if match else None
+
+
+def range_from(position: int, end: int | None) -> bytes:
+    """The `Range` value asking for bytes [position, end) (to the end when `end` is None)."""
+    if end is None:
+        return b"bytes=%d-" % position
+    return b"bytes=%d-%d" % (position, end - 1)

@@ -10,9 +10,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from docxy.answers import discard_body
 from docxy.flight import SingleFlight
-from docxy.upstream import UpstreamError
+from docxy.upstream.bodies import discard
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 
@@ -81,7 +81,7 @@ class Readiness:
         except Exception:
             log.failure("readiness check of {name} failed", name=proxy.name)
             return {"ok": False, "error": "check failed"}
-        discard_body(response)
+        discard(response)
         seconds = round(self._reactor.seconds() - started, 3)
         if response.code in REACHABLE:
             return {"ok": True, "status": response.code, "seconds": seconds}

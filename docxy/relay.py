@@ -1,10 +1,10 @@
-"""The one streaming path: an upstream body flows to a client request with backpressure.
+"""An upstream body streamed to a client request with backpressure (no cache).
 
-`BodyRelay` is the protocol given to `response.deliverBody()`.  It registers itself as the
-request's push producer, so a full client socket pauses the upstream socket and memory
-stays flat.  A body that stalls for `idle_timeout` seconds (while the client is reading)
-is cut.  A body that ends early aborts the client connection: a short body must never look
-complete.  A client that goes away stops the upstream transfer.
+`BodyRelay` is the protocol `docxy.upstream.bodies.deliver` feeds.  It registers itself as
+the request's push producer, so a full client socket pauses the upstream socket and memory
+stays flat.  Stalls and cuts are the body's business (timed, and for blobs resumed, in
+bodies.py); a body that still ends early aborts the client connection: a short body must
+never look complete.  A client that goes away stops the upstream transfer.
 """
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
-from docxy.idle import IdleTimer
+from docxy.upstream.bodies import Resumer, cut_reason, deliver
 
 log = Logger()
 
@@ -39,11 +37,9 @@ def abort_client(request) -> None:
 class BodyRelay(Protocol):
     """Streams one upstream response body into one client request."""
 
-    def __init__(self, request, reactor, idle_timeout: float, expected_length: int | None):
+    def __init__(self, request, expected_length: int | None):
         self._request = request
         self._expected = expected_length
-        self._timer = IdleTimer(reactor, idle_timeout, self._idle)
-        self._paused = False
         self._registered = False
         self.received = 0
         self.outcome: str | None = None  # "complete", "cut" or "client-gone"
@@ -56,16 +52,13 @@ class BodyRelay(Protocol):
         self._request.registerProducer(self, True)
         self._registered = True
         self._request.notifyFinish().addErrback(self._client_gone)
-        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
-        self._arm()
         if not request_gone(self._request):
             self._request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._timer.disarm()
         request = self._request
         if request_gone(request):
             self.outcome = self.outcome or "client-gone"
@@ -73,51 +66,27 @@ class BodyRelay(Protocol):
         if self._registered:
             request.unregisterProducer()
             self._registered = False
-        complete = reason.check(ResponseDone) is not None or (
-            reason.check(PotentialDataLoss) is not None and self._expected is None
-        )
-        if self._expected is not None and self.received != self._expected:
-            complete = False
-        if complete:
+        why = cut_reason(reason, self._expected, self.received)
+        if why is None:
             self.outcome = "complete"
             request.finish()
         else:
             self.outcome = "cut"
-            log.warn(
-                "upstream body cut after {received} of {expected} bytes: {why}",
-                received=self.received,
-                expected=self._expected if self._expected is not None else "?",
-                why=reason.getErrorMessage(),
-            )
+            log.warn("upstream body not whole ({why}); aborting the client", why=why)
             abort_client(request)
 
     # --- IPushProducer: the client's socket tells us to slow down ------------------------
     def pauseProducing(self) -> None:
-        # A paused body is the client's slowness, not the upstream's: no idle timer then.
-        self._paused = True
-        self._timer.disarm()
         if self.transport is not None:
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        self._arm()
         if self.transport is not None:
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._timer.disarm()
         if self.transport is not None:
             self.transport.stopProducing()
-
-    def _idle(self) -> None:
-        log.warn("upstream body stalled for {secs}s; cutting it", secs=self._timer.seconds)
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def _arm(self) -> None:
-        if not self._paused:
-            self._timer.arm()
 
     def _client_gone(self, _failure: Failure) -> None:
         self.outcome = "client-gone"
@@ -126,15 +95,16 @@ class BodyRelay(Protocol):
             received=self.received,
             expected=self._expected if self._expected is not None else "?",
         )
-        self._timer.disarm()
         if self.transport is not None:
             self.transport.stopProducing()
 
 
-def stream(request, response: IResponse, reactor, idle_timeout: float) -> BodyRelay:
-    """Send `response`'s body to `request` (headers must already be set)."""
+def stream(request, response: IResponse, reactor, idle_timeout: float,
+           resumer: Resumer | None = None) -> BodyRelay:
+    """Send `response`'s body to `request` (headers must already be set); with `resumer`
+    a cut body is resumed from the byte the client has."""
     length = response.length if isinstance(response.length, int) else None
     request.docxy_source = "upstream"  # for the request log and docxy_sent_bytes
-    relay = BodyRelay(request, reactor, idle_timeout, length)
-    response.deliverBody(relay)
+    relay = BodyRelay(request, length)
+    deliver(response, relay, reactor, idle_timeout, resumer)
     return relay

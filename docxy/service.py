@@ -34,7 +34,7 @@ from docxy.selection import UpstreamTable
 from docxy.site import DocxySite, api_resource, metrics_resource_tree, redirect_resource
 from docxy.tls import ServerTLS, upstream_trust
 from docxy.tokens import UpstreamAuth, read_credentials
-from docxy.upstream import UpstreamClient
+from docxy.upstream.client import UpstreamClient
 
 log = Logger()
 
@@ -87,11 +87,14 @@ def _proxies(
                 header_timeout=config.header_timeout,
                 max_redirects=config.max_redirects,
                 pool_size=config.pool_size,
+                connections=config.upstream_connections,
             )
         credentials = read_credentials(upstream.credentials) if upstream.credentials else None
         auth = UpstreamAuth(upstream, client, reactor, credentials)
         measured = MeasuredClient(client, metrics, upstream.name, reactor)
-        proxies[upstream.name] = RegistryProxy(upstream, measured, auth, reactor)
+        proxies[upstream.name] = RegistryProxy(
+            upstream, measured, auth, reactor, resume_attempts=config.resume_attempts,
+            on_resume=lambda registry=upstream.name: metrics.upstream_resumed(registry))
     return proxies, list(clients.values())
 
 

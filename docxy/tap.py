@@ -162,7 +162,12 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         ["stop-timeout", None, 30.0, "Seconds running requests get to finish when docxy is "
          "stopped (SIGTERM) before they are cut. [DOCXY_STOP_TIMEOUT]", float],
         ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before it is cut "
-         "(no limit on total time). [DOCXY_IDLE_TIMEOUT]", float],
+         "(and a blob resumed; no limit on total time). [DOCXY_IDLE_TIMEOUT]", float],
+        ["resume-attempts", None, 5, "Times in a row a blob download cut or stalled upstream "
+         "is asked again from the byte reached (Range) before its clients are failed; 0: "
+         "never resume. [DOCXY_RESUME_ATTEMPTS]", int],
+        ["upstream-connections", None, 32, "Requests at once to one upstream host (registry, "
+         "CDN, token service); more wait their turn. [DOCXY_UPSTREAM_CONNECTIONS]", int],
         ["request-timeout", None, 30.0, "Seconds a client may take to send a whole request "
          "(headers and body), however steadily it trickles; 0: no limit. "
          "[DOCXY_REQUEST_TIMEOUT]", float],
@@ -188,6 +193,8 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         "connect-timeout": ("DOCXY_CONNECT_TIMEOUT",),
         "header-timeout": ("DOCXY_HEADER_TIMEOUT",),
         "idle-timeout": ("DOCXY_IDLE_TIMEOUT",),
+        "resume-attempts": ("DOCXY_RESUME_ATTEMPTS",),
+        "upstream-connections": ("DOCXY_UPSTREAM_CONNECTIONS",),
         "request-timeout": ("DOCXY_REQUEST_TIMEOUT",),
         "cache-dir": ("DOCXY_CACHE_DIR",),
         "cache-max-size": ("DOCXY_CACHE_MAX_SIZE",),
@@ -343,6 +350,10 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         for option in ("connect-timeout", "header-timeout", "idle-timeout"):
             if not self[option] > 0:
                 raise usage.UsageError(f"--{option} must be a positive number of seconds")
+        if not 0 <= self["resume-attempts"] <= 100:
+            raise usage.UsageError("--resume-attempts must be a whole number from 0 to 100")
+        if not 1 <= self["upstream-connections"] <= 10000:
+            raise usage.UsageError("--upstream-connections must be a whole number from 1 to 10000")
 
     def upstreams(self) -> tuple[tuple[Upstream, ...], str]:
         """The upstreams and the default's name, from the configuration file, --registry
@@ -377,6 +388,8 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             connect_timeout=self["connect-timeout"],
             header_timeout=self["header-timeout"],
             idle_timeout=self["idle-timeout"],
+            resume_attempts=self["resume-attempts"],
+            upstream_connections=self["upstream-connections"],
             request_timeout=self["request-timeout"],
             cache_dir=None if self["no-cache"] else self["cache-dir"],
             cache_max_size=self.cache_max_size,

@@ -16,14 +16,14 @@ from urllib.parse import urlencode
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from docxy.challenge import parse_challenge
 from docxy.flight import SingleFlight
-from docxy.idle import IdleTimer
-from docxy.upstream import UpstreamClient, UpstreamError
+from docxy.upstream.bodies import read_small
+from docxy.upstream.client import UpstreamClient
+from docxy.upstream.errors import UpstreamError
 from docxy.upstreams import Upstream
 
 log = Logger()
@@ -31,8 +31,8 @@ log = Logger()
 MAX_TOKEN_ANSWER = 1024 * 1024
 DEFAULT_EXPIRES = 60  # the token spec's default for a missing expires_in
 EXPIRY_MARGIN = 10
-SMALL_BODY_IDLE = 60.0  # seconds a small upstream answer may stall before it is cut
 TOKEN_SERVICE_RETRY = 30.0  # seconds a token service found down is believed down
+TOKEN_SERVICE_TRUST = 30.0  # seconds a token service that answered is believed up
 
 
 class CredentialsError(Exception):
@@ -127,53 +127,6 @@ def parse_token_answer(body: bytes) -> tuple[str, int] | None:
     return token, expires
 
 
-class _Collect(Protocol):
-    """Collects a small body, cutting the connection past `limit` bytes or when it stalls
-    for `idle` seconds (with a reactor)."""
-
-    def __init__(self, limit: int, reactor=None, idle: float = SMALL_BODY_IDLE) -> None:
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self._stalled = False
-        self._timer = IdleTimer(reactor, idle if reactor is not None else 0, self._idle)
-
-    def connectionMade(self) -> None:
-        self._timer.arm()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._timer.arm()
-        self._size += len(data)
-        if self._size > self._limit:
-            self.transport.stopProducing()
-            return
-        self._chunks.append(data)
-
-    def _idle(self) -> None:
-        self._stalled = True
-        self.transport.stopProducing()
-
-    def connectionLost(self, reason) -> None:
-        self._timer.disarm()
-        if self._size > self._limit:
-            self.done.errback(UpstreamError(502, "UNKNOWN", "upstream answer too large"))
-        elif self._stalled:
-            self.done.errback(UpstreamError(504, "UNAVAILABLE", "upstream answer stalled"))
-        else:
-            self.done.callback(b"".join(self._chunks))
-
-
-def read_small_body(
-    response, limit: int = MAX_TOKEN_ANSWER, reactor=None, idle: float = SMALL_BODY_IDLE
-) -> defer.Deferred[bytes]:
-    """The whole (small) body; UpstreamError past `limit` bytes, or, given a reactor, when
-    it stalls for `idle` seconds."""
-    collector = _Collect(limit, reactor, idle)
-    response.deliverBody(collector)
-    return collector.done
-
-
 class UpstreamAuth:
     def __init__(
         self,
@@ -190,6 +143,7 @@ class UpstreamAuth:
         self._tokens: dict[str, tuple[str, float]] = {}
         self._flights = SingleFlight()
         self._down_until: float | None = None  # the token service failed; believed down till
+        self._up_until = 0.0  # the token service answered; believed up till
 
     # --- where the token service is -------------------------------------------------------
     def learn(self, header: bytes) -> None:
@@ -220,7 +174,7 @@ class UpstreamAuth:
     async def _discover(self) -> None:
         url = f"{self._upstream.base}/v2/"
         response = await self._client.request(b"GET", url, Headers())
-        await read_small_body(response, reactor=self._reactor)
+        await read_small(response, MAX_TOKEN_ANSWER, self._reactor)
         header = response.headers.getRawHeaders(b"www-authenticate", [None])[0]
         if header is not None:
             self.learn(header)
@@ -238,6 +192,7 @@ class UpstreamAuth:
             self._service_failed(f"it answered {response.code}")
         else:
             self._down_until = None
+            self._up_until = self._reactor.seconds() + TOKEN_SERVICE_TRUST
         return response
 
     def _service_failed(self, why: str) -> None:
@@ -250,13 +205,14 @@ class UpstreamAuth:
         return self._down_until is not None and self._reactor.seconds() < self._down_until
 
     async def check_token_service(self) -> bool:
-        """Whether the token service is down: False at no cost unless it failed before;
-        once TOKEN_SERVICE_RETRY seconds have passed since, it is asked again (one request
-        for all callers)."""
-        if self._down_until is None:
-            return False
+        """Whether the token service is down, asked at most once per TOKEN_SERVICE_TRUST
+        seconds it answered, or TOKEN_SERVICE_RETRY seconds it failed (one request for all
+        callers).  Called when the upstream challenges a client and the cache could serve
+        it: a client sent to a token service that is down fails its whole pull."""
         if self.token_service_down():
             return True
+        if self._reactor.seconds() < self._up_until:
+            return False
         return await self._flights.run("token-service", self._probe)
 
     async def _probe(self) -> bool:
@@ -267,7 +223,7 @@ class UpstreamAuth:
         query = [("service", endpoint.service)] if endpoint.service else []
         try:
             response = await self.ask(b"GET", endpoint.url(query), Headers())
-            await read_small_body(response, reactor=self._reactor)
+            await read_small(response, MAX_TOKEN_ANSWER, self._reactor)
         except UpstreamError as e:
             self._service_failed(e.message)
             return True
@@ -297,7 +253,7 @@ class UpstreamAuth:
             headers.setRawHeaders(b"authorization", [basic_authorization(*self._credentials)])
             query.append(("account", self._credentials[0]))
         response = await self.ask(b"GET", endpoint.url(query), headers)
-        body = await read_small_body(response, reactor=self._reactor)
+        body = await read_small(response, MAX_TOKEN_ANSWER, self._reactor)
         if response.code != 200:
             log.warn(
                 "token service refused docxy's token request for {scope}: {status}",

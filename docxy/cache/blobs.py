@@ -12,18 +12,19 @@ from __future__ import annotations
 import errno
 
 import attrs
-from twisted.internet import defer
 from twisted.logger import Logger
 
-from docxy.answers import discard_body, refuse, relay, send_error
+from docxy.answers import refuse, relay, send_error
 from docxy.cache.fill import COMPLETE, FAILED, Fill
 from docxy.cache.follow import FileFollower
 from docxy.cache.store import BlobStore
 from docxy.challenge import Realm
+from docxy.flight import SingleFlight
 from docxy.names import Route
 from docxy.proxy import RegistryProxy
 from docxy.ranges import UNSATISFIABLE, parse_range
 from docxy.relay import request_gone
+from docxy.upstream.bodies import Resumer, deliver, discard
 
 log = Logger()
 
@@ -44,6 +45,17 @@ class CacheStats:
     uncached: int = 0  # relayed without caching: no room on the disk or under the bound
 
 
+@attrs.frozen
+class _Started:
+    """What asking the upstream for a blob gave: the client that asked (None: it must ask
+    again too), answered already unless a download started; the download, and the file
+    handle opened for that client before its first byte."""
+
+    leader: object | None
+    fill: Fill | None = None
+    handle: object | None = None
+
+
 class BlobCache:
     def __init__(self, store: BlobStore, reactor, idle_timeout: float,
                  threaded_fills: bool = True):
@@ -54,8 +66,7 @@ class BlobCache:
         self._threaded = threaded_fills  # hash and write in a thread (off in memory tests)
         self._fills: dict[str, Fill] = {}
         self._full_until = 0.0  # a write found the disk full: relay uncached until then
-        # digest -> clients waiting while one of them asks the upstream for it
-        self._starting: dict[str, list[defer.Deferred]] = {}
+        self._starting = SingleFlight()  # by digest: the upstream asked for it right now
 
     def filling(self) -> int:
         return len(self._fills)
@@ -83,60 +94,55 @@ class BlobCache:
             await self._miss(request, proxy, route, realm)
 
     async def _miss(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+        """One upstream GET for a blob however many clients miss it at once.  The first
+        client's request starts it, but the download is nobody's own: a client that
+        leaves cancels only its own wait (docxy.flight)."""
         digest = route.reference
-        waiting = self._starting.get(digest)
-        if waiting is not None:
-            # Another client is asking the upstream for this blob right now: wait for its
-            # answer, then join its download (or try ourselves if it got none).
-            ready: defer.Deferred = defer.Deferred()
-            waiting.append(ready)
-            await ready
+        started = await self._starting.run(
+            digest, lambda: self._start(request, proxy, route, realm))
+        if started.leader is not request:
+            # Another client asked the upstream: join its download (after the upstream's
+            # yes for this client), or, if it got none, ask ourselves.
             await self.answer(request, proxy, route, realm)
-            return
-        self._starting[digest] = []
-        try:
-            await self._start_fill(request, proxy, route, realm)
-        finally:
-            for ready in self._starting.pop(digest, []):
-                if not ready.called:
-                    ready.callback(None)
+        elif started.fill is not None:
+            self._serve(request, digest, started.fill, started.handle)
 
-    async def _start_fill(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def _start(self, request, proxy: RegistryProxy, route: Route,
+                     realm: Realm | None) -> "_Started":
         digest = route.reference
         headers = request.requestHeaders.copy()
         # The cache needs the whole blob; a client's range is served from the file.
         for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
             headers.removeHeader(name)
         response = await proxy.pull(route, b"GET", headers, [])
+        resumer = proxy.resumer(route, headers) if response.code == 200 else None
         if response.code != 200 or not isinstance(response.length, int):
-            relay(request, response, self._reactor, self._idle_timeout, realm)
-            return
+            relay(request, response, self._reactor, self._idle_timeout, realm, resumer)
+            return _Started(request)
         if self.holds(digest):
-            # Someone else started (or finished) the download while we waited.
-            discard_body(response)
-            await self.answer(request, proxy, route, realm)
-            return
+            # Stored (or started) another way while we waited: everyone asks again.
+            discard(response)
+            return _Started(None)
         why_not = self._no_room(response.length)
         if why_not is None:
             try:
                 fill = Fill(self.store, digest, response.length, self._reactor,
-                            self._idle_timeout, on_end=self._fill_ended, threaded=self._threaded)
+                            on_end=self._fill_ended, threaded=self._threaded)
             except OSError as e:
                 self._note_write_error(e)
                 why_not = f"cannot write to the cache: {e.strerror or e}"
         if why_not is not None:
-            self._relay_uncached(request, response, digest, why_not)
-            return
+            self._relay_uncached(request, response, digest, why_not, resumer)
+            return _Started(request)
         self.stats.misses += 1
         proxy.access.note_allowed(route, request.requestHeaders)
         proxy.access.learn_publicity(route)
         self._fills[digest] = fill
         # Opened before the body flows: a small body may end (and, if it cannot be stored,
-        # vanish) within deliverBody.
+        # vanish) within deliver.
         handle = None if request_gone(request) else fill.open_for_reading()
-        response.deliverBody(fill)
-        if handle is not None:
-            self._serve(request, digest, fill, handle)
+        deliver(response, fill, self._reactor, self._idle_timeout, resumer)
+        return _Started(request, fill, handle)
 
     def _no_room(self, length: int) -> str | None:
         """Why a blob of `length` bytes cannot be cached now, or None if it can."""
@@ -152,10 +158,11 @@ class BlobCache:
             return f"not enough free disk space ({free} bytes free, {pending} promised)"
         return None
 
-    def _relay_uncached(self, request, response, digest: str, why: str) -> None:
+    def _relay_uncached(self, request, response, digest: str, why: str,
+                        resumer: Resumer | None) -> None:
         self.stats.uncached += 1
         log.warn("relaying {digest} uncached: {why}", digest=digest, why=why)
-        relay(request, response, self._reactor, self._idle_timeout, None)
+        relay(request, response, self._reactor, self._idle_timeout, None, resumer)
 
     def _note_write_error(self, error: OSError | None) -> None:
         if error is not None and error.errno in _DISK_FULL:

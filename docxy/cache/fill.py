@@ -1,6 +1,7 @@
 """One upstream download of a blob into the store, at the upstream's pace.
 
-`Fill` is the body protocol of the upstream response.  It writes every chunk to a partial
+`Fill` is the protocol `docxy.upstream.bodies.deliver` feeds the upstream body to (which
+times it and resumes it after a cut, so a Fill sees one body).  It writes every chunk to a partial
 file and hashes it; clients follow the file as it grows (follow.py), each at its own pace,
 so the download is never held back by the slowest client and memory does not grow.  When
 the body ends, the blob enters the store only if its length is whole and its digest
@@ -19,11 +20,9 @@ from typing import Callable
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 
 from docxy.cache.store import BlobStore
-from docxy.idle import IdleTimer
+from docxy.upstream.bodies import cut_reason
 
 log = Logger()
 
@@ -112,7 +111,6 @@ class Fill(Protocol):
         digest: str,
         length: int | None,
         reactor,
-        idle_timeout: float,
         on_end: Callable[["Fill"], None] = lambda fill: None,
         threaded: bool = False,
     ) -> None:
@@ -138,7 +136,6 @@ class Fill(Protocol):
         self.write_error: OSError | None = None  # why the partial file could not be written
         self.stored = False  # entered into the store
         self._listeners: list[Callable[[], None]] = []
-        self._timer = IdleTimer(reactor, idle_timeout, self._idle)
         self._on_end = on_end
         self._notified = 0
         self._held = False
@@ -167,11 +164,7 @@ class Fill(Protocol):
             callback()
 
     # --- the upstream body --------------------------------------------------------------
-    def connectionMade(self) -> None:
-        self._timer.arm()
-
     def dataReceived(self, data: bytes) -> None:
-        self._timer.arm()
         if self._sink_broken or self.reason:
             return
         if self.length is not None and self.received + len(data) > self.length:
@@ -184,14 +177,12 @@ class Fill(Protocol):
         # upstream socket waits.
         if not self._held and self.received - self.written > HIGH_WATER:
             self._held = True
-            self._timer.disarm()  # a body we hold back is not a stalled upstream
             self.transport.pauseProducing()
 
     def _stored(self, n: int) -> None:
         self.written += n
         if self._held and self.received - self.written < LOW_WATER and self._ended is None:
             self._held = False
-            self._timer.arm()
             self.transport.resumeProducing()
         # Followers are woken per NOTIFY_EVERY bytes, not per network read: each wake-up
         # costs every follower a read and a write, and small ones cost CPU on a fast link.
@@ -209,7 +200,6 @@ class Fill(Protocol):
         self._maybe_finish()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._timer.disarm()
         self._ended = reason
         self._sink.close()
         self._maybe_finish()
@@ -223,15 +213,10 @@ class Fill(Protocol):
         reason = self._ended
         self._file.close()
         self._reader.close()  # followers hold their own duplicates
-        ended = reason.check(ResponseDone) is not None or (
-            reason.check(PotentialDataLoss) is not None and self.length is None
-        )
         if self.reason:
             pass
-        elif not ended:
-            self.reason = f"upstream body cut: {reason.getErrorMessage()}"
-        elif self.length is not None and self.written != self.length:
-            self.reason = f"upstream body short: {self.written} of {self.length} bytes"
+        elif (why := cut_reason(reason, self.length, self.written)) is not None:
+            self.reason = f"upstream body not whole: {why}"
         elif self._hasher.hexdigest() != self._expected_hex:
             self.reason = "digest mismatch: the upstream sent other bytes than the digest names"
         if self.reason:
@@ -254,8 +239,3 @@ class Fill(Protocol):
         self._on_end(self)
         self._notify()
         self._listeners.clear()
-
-    def _idle(self) -> None:
-        self.reason = f"upstream body stalled for {self._timer.seconds}s"
-        if self.transport is not None:
-            self.transport.stopProducing()

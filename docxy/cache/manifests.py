@@ -22,24 +22,38 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from docxy.answers import API_VERSION, discard_body, refuse, relay
+from docxy.answers import API_VERSION, refuse, relay
 from docxy.cache.store import BlobStore
 from docxy.challenge import Realm
-from docxy.names import Route, upstream_name
+from docxy.flight import SingleFlight
+from docxy.names import Route, is_valid_digest, upstream_name
 from docxy.proxy import RegistryProxy
 from docxy.relay import request_gone
-from docxy.tokens import read_small_body
-from docxy.upstream import UpstreamError
+from docxy.upstream.bodies import BodyTooLarge, discard, read_small
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit
+MAX_EXPECTED_TAGS = 10_000  # tags resolved by HEAD whose manifest has not been fetched yet
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class ManifestTooLarge(UpstreamError):
     def __init__(self) -> None:
         super().__init__(502, "MANIFEST_INVALID", "upstream manifest larger than 4 MiB")
+
+
+@attrs.frozen
+class _Fetched:
+    """What a manifest GET gave: the client whose request made it (answered already
+    unless there is a body), and the verified manifest."""
+
+    leader: object
+    digest: str = ""
+    body: bytes | None = None
+    media_type: str = ""
+    headers: Headers | None = None
 
 
 @attrs.frozen
@@ -85,6 +99,9 @@ class ManifestCache:
         self.hits = 0
         self.misses = 0
         self.stale = 0
+        self._fetching = SingleFlight()  # by (upstream, name, reference): GETs running now
+        # (upstream, name, digest) -> tags a HEAD resolved to that digest, not stored yet
+        self._expected_tags: dict[tuple[str, str, str], set[str]] = {}
 
     # --- the small files beside the store -----------------------------------------------
     def _type_path(self, digest: str) -> Path:
@@ -192,12 +209,15 @@ class ManifestCache:
             and usable
             and proxy.access.was_allowed(route, request.requestHeaders)
         ):
-            discard_body(head)
+            discard(head)
             self._serve_stale(request, route, entry, stale_why)
             return
         media_type = self.media_type(digest) if digest and self.store.has(digest) else None
         if request.method == b"HEAD" and (head.code != 200 or media_type is None):
             # Not stored (or refused): the upstream's HEAD is the answer to a HEAD.
+            if head.code == 200 and digest:
+                self._note_served(proxy, route, request, digest)
+                self._expect_tag(proxy.name, name, route.reference, digest)
             relay(request, head, self._reactor, 0, realm)
             return
         if head.code == 401:
@@ -205,10 +225,10 @@ class ManifestCache:
             return
         if head.code != 200 or media_type is None:
             # A GET: fetch it (an error is then relayed with the upstream's own body).
-            discard_body(head)
+            discard(head)
             await self._fetch(request, proxy, route, realm)
             return
-        discard_body(head)
+        discard(head)
         self._note_served(proxy, route, request, digest)
         if self._serve_stored(request, digest, media_type):
             self.hits += 1
@@ -217,22 +237,34 @@ class ManifestCache:
         await self._fetch(request, proxy, route, realm)
 
     async def _fetch(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
-        """GET the manifest upstream, verify it, store it, answer it.  By digest, the body
-        must have that digest; by tag, it must have the digest the GET announces (the
-        HEAD's is only a hint: the tag may have moved in between)."""
+        """GET the manifest upstream, verify it, store it, answer it: one GET for every
+        client asking for the same reference at once, which no client leaving cancels."""
+        key = (proxy.name, route.name, route.reference)
+        fetched = await self._fetching.run(
+            key, lambda: self._get(request, proxy, route, realm))
+        if fetched.leader is not request:
+            # Another client's GET: now stored, it is answered like any cached manifest
+            # (after the upstream's yes for this client); if it failed, we ask ourselves.
+            await self.answer(request, proxy, route, realm)
+        elif fetched.body is not None:
+            self._send(request, fetched.digest, fetched.media_type, fetched.body, fetched.headers)
+
+    async def _get(self, request, proxy: RegistryProxy, route: Route,
+                   realm: Realm | None) -> "_Fetched":
+        """By digest, the body must have that digest; by tag, it must have the digest the
+        GET announces (the HEAD's is only a hint: the tag may have moved in between).
+        A body that is not whole is never stored (docxy.upstream.bodies.read_small)."""
         expected = route.reference if route.is_digest else None
         response = await proxy.pull(route, b"GET", request.requestHeaders, [])
         if response.code != 200:
             relay(request, response, self._reactor, self._idle_timeout, realm)
-            return
+            return _Fetched(request)
         if isinstance(response.length, int) and response.length > MAX_MANIFEST:
-            discard_body(response)
+            discard(response)
             raise ManifestTooLarge()
         try:
-            body = await read_small_body(response, MAX_MANIFEST, self._reactor, self._idle_timeout)
-        except UpstreamError as e:
-            if e.status == 504:
-                raise
+            body = await read_small(response, MAX_MANIFEST, self._reactor, self._idle_timeout)
+        except BodyTooLarge:
             raise ManifestTooLarge() from None
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         announced = response.headers.getRawHeaders(b"docker-content-digest", [b""])[0].decode("latin-1")
@@ -250,10 +282,32 @@ class ManifestCache:
         ).decode("latin-1")
         self.misses += 1
         proxy.access.learn_publicity(self._note_served(proxy, route, request, digest))
-        if self._put(digest, body, media_type) and not route.is_digest:
-            name = upstream_name(route.name, proxy.library)
-            self._remember_tag(proxy.name, name, route.reference, digest, media_type)
-        self._send(request, digest, media_type, body, response.headers)
+        name = upstream_name(route.name, proxy.library)
+        if self._put(digest, body, media_type):
+            if not route.is_digest:
+                self._remember_tag(proxy.name, name, route.reference, digest, media_type)
+            self._confirm_tags(proxy.name, name, digest, media_type)
+        return _Fetched(request, digest, body, media_type, response.headers)
+
+    # --- tags resolved by HEAD ----------------------------------------------------------
+    def _expect_tag(self, upstream: str, name: str, tag: str, digest: str) -> None:
+        """A HEAD by tag named `digest`, not stored yet.  dockerd and containerd fetch it
+        next by digest and never GET the tag: the tag is remembered once that manifest is
+        stored, so that it can be served when the upstream is down."""
+        if not is_valid_digest(digest):
+            return
+        key = (upstream, name, digest)
+        tags = self._expected_tags.pop(key, set())
+        tags.add(tag)
+        if len(self._expected_tags) >= MAX_EXPECTED_TAGS:
+            self._expected_tags.pop(next(iter(self._expected_tags)))
+        self._expected_tags[key] = tags
+
+    def _confirm_tags(self, upstream: str, name: str, digest: str, media_type: str) -> None:
+        for tag in self._expected_tags.pop((upstream, name, digest), ()):
+            self._remember_tag(upstream, name, tag, digest, media_type)
+            log.info("learned {name}:{tag} -> {digest} from a HEAD", name=name, tag=tag,
+                     digest=digest)
 
     def _note_served(self, proxy: RegistryProxy, route: Route, request, digest: str) -> Route:
         """The upstream just served this client the manifest `digest` for `route`: remember

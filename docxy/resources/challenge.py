@@ -11,7 +11,6 @@ from twisted.web.server import NOT_DONE_YET
 from docxy.answers import (
     API_VERSION,
     answer_later,
-    discard_body,
     login_realm,
     relay,
     send_error,
@@ -20,7 +19,8 @@ from docxy.answers import (
 from docxy.names import InvalidRequest
 from docxy.relay import request_gone
 from docxy.resources._base import PullResource
-from docxy.upstream import UpstreamError
+from docxy.upstream.bodies import discard
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 
@@ -73,7 +73,7 @@ class ChallengeResource(PullResource):
                 and await proxy.auth.check_token_service()
             ):
                 # No client can get a token now: let them in without one, likewise.
-                discard_body(response)
+                discard(response)
                 log.warn("the upstream's token service is down; /v2/ answered by the mirror")
                 _answer_ok(request)
                 return

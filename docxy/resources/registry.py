@@ -56,6 +56,7 @@ class RegistryResource(PullResource):
             response = await proxy.pull(
                 route, request.method, request.requestHeaders, query_pairs(request)
             )
-            relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm)
+            resumer = proxy.resumer(route, request.requestHeaders) if request.method == b"GET" else None
+            relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm, resumer)
 
         return answer_later(request, work)

@@ -5,7 +5,8 @@ redirect following (a blob GET on Hub answers 307 to a CDN): `Authorization` is 
 every hop to another origin, and the redirect target is never shown to the client.  A
 signed CDN URL that is refused (expired) makes docxy ask the registry once more for a fresh
 one.
-Bodies are not read here: the caller streams them (see `docxy.relay`).
+Bodies are not read here: see `docxy.upstream.bodies`.  At most `connections` requests
+run at once per upstream host (`docxy.upstream.slots`); more wait for a free slot.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from io import BytesIO
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
     Agent,
@@ -28,38 +28,21 @@ from twisted.web.iweb import IResponse
 
 from docxy.headers import without_authorization
 from docxy.tls import ReusedContextPolicy
+from docxy.upstream.bodies import discard
+from docxy.upstream.errors import UpstreamError
+from docxy.upstream.slots import HostSlots, hold_until_body_ends
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 # What a CDN answers to a signed URL that expired (S3 and CloudFront 403, GCS 400, some 410).
 EXPIRED_CODES = frozenset({400, 401, 403, 410})
-_MAX_DISCARD = 64 * 1024
 
 log = Logger()
-
-
-class UpstreamError(Exception):
-    """The upstream could not be asked; `status` and `code` make the client's error."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     return parts.scheme, (parts.hostname or ""), port
-
-
-class _Discard(Protocol):
-    """Reads and drops a small body (a redirect's) so its connection can be reused."""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.seen = getattr(self, "seen", 0) + len(data)
-        if self.seen > _MAX_DISCARD:
-            self.transport.stopProducing()
 
 
 class UpstreamClient:
@@ -72,8 +55,10 @@ class UpstreamClient:
         header_timeout: float,
         max_redirects: int,
         pool_size: int,
+        connections: int = 32,
     ) -> None:
         self._reactor = reactor
+        self.slots = HostSlots(connections)
         self._header_timeout = header_timeout
         self._max_redirects = max_redirects
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -101,12 +86,12 @@ class UpstreamClient:
             return response
         # A signed URL from the registry, refused by another host: it expired before it
         # was used (or the clocks disagree).  The registry signs a fresh one; ask once more.
-        response.deliverBody(_Discard())
+        discard(response)
         log.info("{host} refused a redirected download with {status}; asking the registry again",
                  host=origin(where)[1], status=response.code)
         response, where = await self._follow(method, url, headers, body, follow_redirects)
         if _expired_elsewhere(response, where, url):
-            response.deliverBody(_Discard())
+            discard(response)
             log.warn("{host} refused a fresh redirect too ({status})",
                      host=origin(where)[1], status=response.code)
             raise UpstreamError(
@@ -125,7 +110,7 @@ class UpstreamClient:
             location = response.headers.getRawHeaders(b"location", [None])[0]
             if not follow_redirects or response.code not in REDIRECT_CODES or not location:
                 return response, current
-            response.deliverBody(_Discard())
+            discard(response)
             target = urljoin(current, location.decode("latin-1"))
             if urlsplit(target).scheme not in ("http", "https"):
                 raise UpstreamError(502, "UNKNOWN", "upstream redirected to an unsupported URL")
@@ -145,8 +130,16 @@ class UpstreamClient:
             uri = url.encode("ascii")
         except UnicodeEncodeError:
             raise UpstreamError(502, "UNKNOWN", "upstream sent an invalid URL") from None
+        release = await self.slots.acquire(origin(url))
         d = self._agent.request(method, uri, headers, producer)
         d.addTimeout(self._header_timeout, self._reactor)
+        try:
+            return hold_until_body_ends(await self._answer(d, url), release)
+        except BaseException:
+            release()
+            raise
+
+    async def _answer(self, d: defer.Deferred, url: str) -> IResponse:
         try:
             return await d
         except defer.TimeoutError:

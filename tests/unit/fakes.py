@@ -138,7 +138,8 @@ def make_site(config: Config | None = None, upstream: FakeUpstream | None = None
     proxies = {}
     for spec in config.upstreams:
         auth = UpstreamAuth(spec, upstream, clock)
-        proxies[spec.name] = RegistryProxy(spec, upstream, auth, clock)
+        proxies[spec.name] = RegistryProxy(spec, upstream, auth, clock,
+                                           resume_attempts=config.resume_attempts)
     blobs = manifests = None
     if with_cache:
         store = BlobStore(config.cache_dir, config.cache_max_size)

@@ -76,7 +76,7 @@ def _fill(store, data, length=None, digest=None):
     from twisted.internet.task import Clock
 
     digest = digest or digest_of(data)
-    fill = Fill(store, digest, len(data) if length is None else length, Clock(), 30)
+    fill = Fill(store, digest, len(data) if length is None else length, Clock())
     response = FakeResponse(200, body=data, length=len(data) if length is None else length, auto=False)
     response.deliverBody(fill)
     return fill, response
@@ -276,7 +276,7 @@ MTYPE = b"application/vnd.oci.image.index.v1+json"
 def _manifest_site(tmp_path, down=None, body=MANIFEST, tag_ttl=0.0):
     """An upstream with one tag `t` of repository `x`; `down` is a list whose truth makes
     every request fail as unreachable."""
-    from docxy.upstream import UpstreamError
+    from docxy.upstream.errors import UpstreamError
 
     digest = digest_of(MANIFEST)
     down = down if down is not None else []
@@ -460,7 +460,7 @@ async def test_threaded_fill_writes_in_order_holds_the_upstream_and_verifies(tmp
 
     data = os.urandom(12 * 1024 * 1024)
     store = BlobStore(tmp_path)
-    fill = Fill(store, digest_of(data), len(data), reactor, 30, threaded=True)
+    fill = Fill(store, digest_of(data), len(data), reactor, threaded=True)
     response = FakeResponse(200, body=data, auto=False)
     response.deliverBody(fill)
     for i in range(0, len(data), 65536):

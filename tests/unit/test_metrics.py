@@ -12,7 +12,7 @@ from docxy.measured import MeasuredClient
 from docxy.metrics import Metrics, parse_ratelimit
 from docxy.site import DocxySite, metrics_resource_tree
 from docxy.tap import Options, makeService
-from docxy.upstream import UpstreamError
+from docxy.upstream.errors import UpstreamError
 
 from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 

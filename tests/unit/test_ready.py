@@ -7,7 +7,7 @@ from twisted.internet import defer
 
 from docxy.ready import cache_check
 from docxy.site import DocxySite, redirect_resource
-from docxy.upstream import UpstreamError
+from docxy.upstream.errors import UpstreamError
 
 from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 

@@ -51,9 +51,10 @@ def test_client_disconnect_stops_upstream():
     assert response.transport.stopped
 
 
-def test_upstream_cut_aborts_client():
-    """An upstream that breaks mid-body aborts the client: a short body never looks whole."""
-    ex, response, _ = _blob_site()
+def test_upstream_cut_aborts_client_when_resuming_is_off():
+    """An upstream that breaks mid-body, with --resume-attempts 0, aborts the client: a
+    short body never looks whole."""
+    ex, response, _ = _blob_site(resume_attempts=0)
     response.protocol.dataReceived(b"a" * 100)
     response.cut()
     assert ex.transport.disconnecting and ex.transport.disconnected
@@ -61,7 +62,7 @@ def test_upstream_cut_aborts_client():
 
 def test_short_but_clean_end_aborts_client():
     """Fewer bytes than Content-Length is a failure even if the upstream closed cleanly."""
-    ex, response, _ = _blob_site()
+    ex, response, _ = _blob_site(resume_attempts=0)
     response.protocol.dataReceived(b"a" * 10)
     response.end()
     assert ex.transport.disconnected

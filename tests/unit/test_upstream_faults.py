@@ -7,7 +7,8 @@ import json
 import pytest
 from twisted.internet.task import Clock
 
-from docxy.upstream import UpstreamClient, UpstreamError
+from docxy.upstream.client import UpstreamClient
+from docxy.upstream.errors import UpstreamError
 
 from .fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 
@@ -180,11 +181,37 @@ def test_token_service_down_clear_errors_and_cached_public_content(tmp_path):
     assert status == 401 and b"/auth/token" in headers[b"www-authenticate"][0]
 
 
-def test_a_challenge_costs_nothing_extra_while_the_token_service_is_up(tmp_path):
-    """/v2/ asks the token service only after it was found down."""
+def _token_requests(upstream) -> int:
+    return len([u for u in upstream.urls() if u.startswith("https://auth.test")])
+
+
+def test_a_challenge_asks_the_token_service_at_most_once_per_half_minute(tmp_path):
+    """/v2/ (with the cache on) makes sure the token service answers before it sends a
+    client there, but at most once per TOKEN_SERVICE_TRUST seconds while it answers."""
     site, upstream, clock, down = token_site(tmp_path)
     assert get(site, "/v2/")[0] == 401
-    assert not [u for u in upstream.urls() if u.startswith("https://auth.test")]
+    assert _token_requests(upstream) == 1
+    for _ in range(5):
+        assert get(site, "/v2/")[0] == 401
+    assert _token_requests(upstream) == 1
+    clock.advance(31)
+    assert get(site, "/v2/")[0] == 401
+    assert _token_requests(upstream) == 2
+
+
+def test_a_token_service_down_at_the_first_ping_lets_the_client_in(tmp_path):
+    """The token service is down before any client asked for a token: the very first /v2/
+    answers 200 (a client sent there would fail its whole pull), and a cached tag is then
+    served to it without a token."""
+    site, upstream, clock, down = token_site(tmp_path)
+    status, _, body = get(site, "/auth/token?scope=repository:x:pull")
+    auth = [("Authorization", "Bearer " + json.loads(body)["token"])]
+    assert get(site, "/v2/x/manifests/t", auth)[2] == MANIFEST
+    clock.advance(31)  # nobody has asked the token service for a while
+    down.append(True)
+    assert get(site, "/v2/")[0] == 200
+    status, _, body = get(site, "/v2/x/manifests/t")
+    assert status == 200 and body == MANIFEST
 
 
 # --- token requests no pull would make ----------------------------------------------------

@@ -1,0 +1,296 @@
+"""Pull flows as real clients run them, in memory: tags resolved by HEAD then fetched by
+digest (dockerd, containerd), a manifest cut mid-body, the first client leaving before the
+upstream answers, blob downloads resumed after a cut, and connection slots per host."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from docxy.upstream.errors import UpstreamError
+from docxy.upstream.slots import HostSlots, hold_until_body_ends
+
+from .fakes import FakeResponse, FakeUpstream, get, hub_config, make_site
+
+INDEX = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
+ITYPE = b"application/vnd.oci.image.index.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _registry(tmp_path, modes: dict, body: bytes = INDEX, **config):
+    """An upstream with tag `t` of `library/x` naming `body`; `modes["now"]` is "up",
+    "down" (unreachable), "429" or "cut" (a GET sends half the manifest and closes)."""
+    digest = digest_of(body)
+
+    def respond(method, url, headers, _body):
+        mode = modes["now"]
+        if mode == "down":
+            return UpstreamError(502, "UNAVAILABLE", "upstream unreachable")
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
+        if mode == "429":
+            return FakeResponse(429, {b"retry-after": b"42"}, b'{"errors":[]}')
+        if "/manifests/" not in url:
+            return FakeResponse(404, length=0)
+        if mode == "cut":  # no Docker-Content-Digest, a Content-Length it does not keep
+            hdrs = {b"content-type": ITYPE, b"content-length": str(len(body)).encode()}
+            if method == b"HEAD":
+                return FakeResponse(200, hdrs, length=0)
+            response = FakeResponse(200, hdrs, body=b"", length=len(body), auto=False)
+            half = body[: len(body) // 2]
+            response.deliverBody = _cut_after(response, half)
+            return response
+        hdrs = {b"content-type": ITYPE, b"docker-content-digest": digest.encode(),
+                b"content-length": str(len(body)).encode()}
+        if method == b"HEAD":
+            return FakeResponse(200, hdrs, length=0)
+        return FakeResponse(200, hdrs, body)
+
+    site, upstream, clock = make_site(
+        hub_config(cache_dir=str(tmp_path / "cache"), **config), FakeUpstream(respond),
+        with_cache=True)
+    return site, upstream, digest, clock
+
+
+def _cut_after(response: FakeResponse, half: bytes):
+    def deliver(protocol) -> None:
+        response.protocol = protocol
+        protocol.makeConnection(response.transport)
+        protocol.dataReceived(half)
+        response.cut()
+    return deliver
+
+
+def _gets(upstream, part: str) -> int:
+    from docxy.headers import MANIFEST_ACCEPT
+
+    return len([c for c in upstream.calls if c[0] == b"GET" and part in c[1]
+                and c[2].getRawHeaders(b"accept") != [MANIFEST_ACCEPT]])
+
+
+def _head(site, path: str):
+    from .fakes import Exchange
+
+    ex = Exchange(site)
+    ex.send("HEAD", path)
+    return ex.response()
+
+
+def test_a_tag_resolved_by_head_then_fetched_by_digest_is_served_in_an_outage(tmp_path):
+    """dockerd's and containerd's way, once: HEAD the tag, GET the digest.  Then the
+    upstream goes down: the tag is served (HEAD and GET) from the cache."""
+    modes = {"now": "up"}
+    site, upstream, digest, _ = _registry(tmp_path, modes)
+    status, headers, _ = _head(site, "/v2/x/manifests/t")
+    assert status == 200 and headers[b"docker-content-digest"] == [digest.encode()]
+    assert get(site, f"/v2/x/manifests/{digest}").response()[2] == INDEX
+    gets = _gets(upstream, "/manifests/")
+    modes["now"] = "down"
+    status, headers, _ = _head(site, "/v2/x/manifests/t")
+    assert status == 200 and headers[b"docker-content-digest"] == [digest.encode()]
+    assert headers[b"content-length"] == [str(len(INDEX)).encode()]
+    status, headers, body = get(site, "/v2/x/manifests/t").response()
+    assert status == 200 and body == INDEX and headers[b"content-type"] == [ITYPE]
+    assert _gets(upstream, "/manifests/") == gets, "learning the tag cost a GET upstream"
+
+
+def test_a_tag_resolved_by_head_is_served_while_the_upstream_answers_429(tmp_path):
+    modes = {"now": "up"}
+    site, _, digest, _ = _registry(tmp_path, modes)
+    _head(site, "/v2/x/manifests/t")
+    get(site, f"/v2/x/manifests/{digest}").response()
+    modes["now"] = "429"
+    status, headers, _ = _head(site, "/v2/x/manifests/t")
+    assert status == 200 and headers[b"docker-content-digest"] == [digest.encode()]
+
+
+def test_a_head_alone_remembers_no_tag(tmp_path):
+    """A HEAD whose digest is never fetched leaves nothing to serve in an outage."""
+    modes = {"now": "up"}
+    site, _, _, _ = _registry(tmp_path, modes)
+    assert _head(site, "/v2/x/manifests/t")[0] == 200
+    modes["now"] = "down"
+    assert _head(site, "/v2/x/manifests/t")[0] == 502
+    assert list((tmp_path / "cache" / "tags").rglob("t")) == []
+
+
+def test_a_manifest_cut_mid_body_is_an_error_and_never_stored(tmp_path):
+    """Half of a promised manifest, no digest header, fetched by tag: 502, and the next
+    request asks the upstream again instead of serving the half."""
+    modes = {"now": "cut"}
+    site, upstream, _, _ = _registry(tmp_path, modes)
+    for attempt in (1, 2):
+        status, _, body = get(site, "/v2/x/manifests/t").response()
+        assert status == 502 and INDEX[: len(INDEX) // 2] not in body
+        assert _gets(upstream, "/manifests/t") == attempt
+    assert list((tmp_path / "cache" / "tags").rglob("t")) == []
+
+
+def test_the_first_client_leaving_before_the_headers_costs_no_second_download(tmp_path):
+    """Two clients miss one blob; the first leaves while the upstream is still answering:
+    the one upstream GET goes on and the second client gets the whole blob."""
+    data = b"q" * 5000
+    digest = digest_of(data)
+    answer: defer.Deferred = defer.Deferred()
+    gets = []
+
+    class Slow(FakeUpstream):
+        async def request(self, method, url, headers, body=None, follow_redirects=True):
+            self.calls.append((method, url, headers, body))
+            if method == b"HEAD":
+                return FakeResponse(200, {}, length=0)
+            if url.endswith("/v2/"):
+                return FakeResponse(200, body=b"{}")
+            gets.append(url)
+            return await answer
+
+    site, _, _ = make_site(hub_config(cache_dir=str(tmp_path / "cache")), Slow(),
+                           with_cache=True)
+    first = get(site, f"/v2/x/blobs/{digest}")
+    second = get(site, f"/v2/x/blobs/{digest}")
+    first.http.connectionLost(Failure(ConnectionDone()))
+    assert not answer.called, "the first client's leaving cancelled the shared request"
+    answer.callback(FakeResponse(200, body=data))
+    status, _, body = second.response()
+    assert status == 200 and body == data
+    assert len(gets) == 1
+
+
+def _blob_site(tmp_path, data: bytes, cache: bool, attempts: int = 5):
+    """Every blob GET is answered by a hand-driven response; a Range GET by a 206."""
+    responses: list[FakeResponse] = []
+
+    def respond(method, url, headers, body):
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
+        if method == b"HEAD":
+            return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
+        wanted = headers.getRawHeaders(b"range", [None])[0]
+        if wanted:
+            start = int(wanted.split(b"=")[1].split(b"-")[0])
+            response = FakeResponse(
+                206, {b"content-range": f"bytes {start}-{len(data) - 1}/{len(data)}".encode()},
+                body=data[start:], length=len(data) - start, auto=False)
+        else:
+            response = FakeResponse(200, {b"etag": b'"e1"'}, body=data, length=len(data),
+                                    auto=False)
+        responses.append(response)
+        return response
+
+    config = (hub_config(cache_dir=str(tmp_path / "cache"), resume_attempts=attempts)
+              if cache else hub_config(resume_attempts=attempts))
+    site, upstream, clock = make_site(config, FakeUpstream(respond), with_cache=cache)
+    return site, upstream, responses, clock
+
+
+def test_a_cache_download_cut_mid_body_is_resumed_and_verified(tmp_path):
+    """The upstream breaks after 3000 bytes: docxy asks for the rest with Range and
+    If-Range, the client gets the whole blob, and it enters the cache."""
+    data = bytes(range(256)) * 40
+    digest = digest_of(data)
+    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=True)
+    ex = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data[:3000])
+    responses[0].cut()
+    clock.advance(0)
+    assert len(responses) == 2
+    resumed = upstream.calls[-1][2]
+    assert resumed.getRawHeaders(b"range") == [b"bytes=3000-10239"]
+    assert resumed.getRawHeaders(b"if-range") == [b'"e1"']
+    responses[1].protocol.dataReceived(data[3000:])
+    responses[1].end()
+    status, _, body = ex.response()
+    assert status == 200 and body == data
+    assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == data
+
+
+def test_a_resumed_download_that_does_not_add_up_is_discarded(tmp_path):
+    """Resumed bytes that make another blob: the digest check fails, the client is
+    aborted and nothing is cached."""
+    data = bytes(range(256)) * 40
+    digest = digest_of(data)
+    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=True)
+    ex = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data[:3000])
+    responses[0].cut()
+    clock.advance(0)
+    responses[1].protocol.dataReceived(b"x" * (len(data) - 3000))
+    responses[1].end()
+    assert ex.transport.disconnected
+    assert not list((tmp_path / "cache" / "blobs").rglob(digest[7:]))
+
+
+def test_an_uncached_relay_resumes_from_the_byte_the_client_has(tmp_path):
+    """--no-cache: a cut relay asks for the rest; the client sees one whole body."""
+    data = bytes(range(256)) * 40
+    digest = digest_of(data)
+    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=False)
+    ex = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data[:4096])
+    responses[0].cut()
+    clock.advance(0)
+    assert upstream.calls[-1][2].getRawHeaders(b"range") == [b"bytes=4096-10239"]
+    responses[1].protocol.dataReceived(data[4096:])
+    responses[1].end()
+    status, headers, body = ex.response()
+    assert status == 200 and body == data
+    assert headers[b"content-length"] == [str(len(data)).encode()]
+    assert not ex.transport.disconnected
+
+
+def test_a_relay_that_cannot_be_resumed_aborts_the_client(tmp_path):
+    """Every resume fails: after the attempts the client's connection is aborted."""
+    data = bytes(range(256)) * 40
+    digest = digest_of(data)
+    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=False, attempts=2)
+    ex = get(site, f"/v2/x/blobs/{digest}")
+    responses[0].protocol.dataReceived(data[:100])
+    responses[0].cut()
+    for _ in range(2):
+        clock.advance(10)
+        responses[-1].cut()
+    clock.advance(10)
+    assert len(responses) == 3
+    assert ex.transport.disconnected
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_slots_queue_requests_beyond_the_limit():
+    """Two slots: the third request waits until a body ends; a cancelled wait leaves."""
+    slots = HostSlots(2)
+    first = await slots.acquire("cdn")
+    await slots.acquire("cdn")
+    third = defer.ensureDeferred(slots.acquire("cdn"))
+    fourth = defer.ensureDeferred(slots.acquire("cdn"))
+    assert not third.called and slots.waiting("cdn") == 2
+    fourth.cancel()
+    fourth.addErrback(lambda failure: failure.trap(defer.CancelledError))
+    assert slots.waiting("cdn") == 1
+    response = hold_until_body_ends(FakeResponse(200, body=b"abc"), first)
+    assert not third.called
+    response.deliverBody(_Nothing())
+    assert third.called and slots.in_use("cdn") == 2
+    assert slots.in_use("registry") == 0
+
+
+def test_a_response_without_body_gives_its_slot_back_at_once():
+    released = []
+    hold_until_body_ends(FakeResponse(200, length=0), lambda: released.append(1))
+    assert released == [1]
+
+
+class _Nothing:
+    def makeConnection(self, transport) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        pass
