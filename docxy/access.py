@@ -10,14 +10,17 @@ counts.  In mirror mode the mirror's own account decides.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from docxy.files import atomic_write
 from docxy.headers import MANIFEST_ACCEPT
 from docxy.names import Route, upstream_name
-from docxy.tokens import bearer_expiry
+from docxy.tokens import bearer_expiry, is_offline_token
 from docxy.upstream.bodies import discard
 from docxy.upstream.errors import UpstreamError
 
@@ -42,6 +45,9 @@ class AccessGate:
     def __init__(self, proxy, reactor) -> None:
         self._proxy = proxy  # docxy.proxy.RegistryProxy: its upstream, and how to ask it
         self._reactor = reactor
+        # where the repositories anyone (in mirror mode: the mirror's account) may pull are
+        # kept across restarts, so that a restart during an outage still serves them
+        self._remembered: Path | None = None
         # (credential, repository) -> until when the upstream's yes is remembered
         self._access: dict[tuple[bytes, str], float] = {}
         # repositories anyone may pull, and when each was last probed, -> until when
@@ -53,7 +59,53 @@ class AccessGate:
     def _credential(self, client_headers: Headers) -> bytes:
         if self._proxy.mirror_mode:
             return b"mirror"
-        return client_headers.getRawHeaders(b"authorization", [b""])[0]
+        credential = client_headers.getRawHeaders(b"authorization", [b""])[0]
+        return b"" if is_offline_token(credential) else credential
+
+    # --- what survives a restart --------------------------------------------------------
+    def remember_in(self, path: Path) -> None:
+        """Keep the repositories anyone may pull in `path` (one name a line), and take
+        those it already names as an earlier yes: served while the upstream cannot be
+        asked, asked again as soon as it can."""
+        self._remembered = path
+        try:
+            names = path.read_text().split()
+        except FileNotFoundError:
+            names = []
+        except (OSError, UnicodeDecodeError) as e:
+            log.warn("cannot read {path}: {err}", path=str(path), err=str(e))
+            names = []
+        for name in names:
+            if self._proxy.mirror_mode:
+                self._access[(b"mirror", name)] = 0.0
+            else:
+                self._public[name] = 0.0
+
+    def _note_public(self, name: str, until: float) -> None:
+        known = name in self._public
+        self._public[name] = until
+        if not known:
+            self._keep(name)
+
+    def _keep(self, name: str) -> None:
+        if self._remembered is None:
+            return
+        try:
+            self._remembered.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._remembered, "a") as f:
+                f.write(name + "\n")
+        except OSError as e:
+            log.warn("cannot remember that {name} may be pulled: {err}", name=name,
+                     err=e.strerror or str(e))
+
+    def _forget_public(self, name: str) -> None:
+        if self._public.pop(name, None) is None or self._remembered is None:
+            return
+        try:
+            atomic_write(self._remembered, "".join(f"{n}\n" for n in self._public).encode())
+        except OSError as e:
+            log.warn("cannot rewrite {path}: {err}", path=str(self._remembered),
+                     err=e.strerror or str(e))
 
     def note_allowed(self, route: Route, client_headers: Headers) -> None:
         """The upstream just served this client this repository (and, for a digest, that
@@ -62,6 +114,8 @@ class AccessGate:
         credential = self._credential(client_headers)
         now = self._reactor.seconds()
         expiry = None if self._proxy.mirror_mode else bearer_expiry(credential)
+        if self._proxy.mirror_mode and (credential, name) not in self._access:
+            self._keep(name)
         _bounded_put(self._access, (credential, name),
                      min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL))
         self.note_link(route)
@@ -164,6 +218,8 @@ class AccessGate:
         discard(response)
         if response.code in _YES:
             self.note_link(route)
-            self._public[name] = self._reactor.seconds() + PUBLIC_TTL
+            self._note_public(name, self._reactor.seconds() + PUBLIC_TTL)
             return True
+        self._forget_public(name)  # it was public once; the upstream says no now
         return False
+

@@ -24,7 +24,7 @@ from docxy.names import (
     upstream_name,
     upstream_path,
 )
-from docxy.tokens import AuthEndpoint, UpstreamAuth
+from docxy.tokens import AuthEndpoint, UpstreamAuth, is_offline_token
 from docxy.upstream.bodies import Resumer, discard
 from docxy.upstream.client import UpstreamClient
 from docxy.upstream.errors import UpstreamError
@@ -169,6 +169,8 @@ class RegistryProxy:
             url += tags_query(query)
         if not config.mirror_mode:
             authorization = client_headers.getRawHeaders(b"authorization", [None])[0]
+            if is_offline_token(authorization):
+                authorization = None  # docxy's own, while the token service is down
             headers = upstream_request_headers(client_headers, authorization)
             response = await self._client.request(method, url, headers, None, follow_redirects)
             if response.code == 401:

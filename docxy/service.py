@@ -15,7 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from docxy.activation import adopted_port
 from docxy.cache.blobs import BlobCache
-from docxy.cache.manifests import ManifestCache
+from docxy.cache.manifests import ManifestCache, cache_key
 from docxy.cache.store import BlobStore
 from docxy.certreload import CertificateReloader, CurrentCertificate
 from docxy.clienttokens import TokenIssuer
@@ -129,6 +129,23 @@ def _client_policy(config: Config, metrics: Metrics, reactor) -> ClientPolicy:
     return ClientPolicy(networks, metrics, users, issuer, limiter)
 
 
+def build_cache(config: Config, reactor, proxies: dict[str, RegistryProxy],
+                threaded_fills: bool = True) -> tuple[BlobCache, ManifestCache]:
+    """The cache in `config.cache_dir`, with what a restart must not forget read back (so
+    that cached images still pull when docxy restarts during an outage).  Raises
+    CacheConfigError."""
+    try:
+        store = BlobStore(config.cache_dir, config.cache_max_size)
+    except OSError as e:
+        raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
+    blobs = BlobCache(store, reactor, config.idle_timeout, threaded_fills)
+    manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout)
+    for name, proxy in proxies.items():
+        proxy.access.remember_in(store.root / "access" / cache_key(name))
+    manifests.restore_links(proxies)
+    return blobs, manifests
+
+
 def build_service(config: Config, reactor) -> service.MultiService:
     """Everything the daemon runs, from one Config.  Raises TLSConfigError,
     CredentialsError or CacheConfigError for files that cannot be used."""
@@ -143,12 +160,7 @@ def build_service(config: Config, reactor) -> service.MultiService:
     proxies, clients = _proxies(config, reactor, metrics)
     blobs = manifests = None
     if config.cache_dir:
-        try:
-            store = BlobStore(config.cache_dir, config.cache_max_size)
-        except OSError as e:
-            raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
-        blobs = BlobCache(store, reactor, config.idle_timeout)
-        manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout)
+        blobs, manifests = build_cache(config, reactor, proxies)
         metrics.watch_cache(blobs, manifests)
     context = Context(
         config=config,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from urllib.parse import urlencode
 
 import attrs
@@ -33,6 +34,23 @@ DEFAULT_EXPIRES = 60  # the token spec's default for a missing expires_in
 EXPIRY_MARGIN = 10
 TOKEN_SERVICE_RETRY = 30.0  # seconds a token service found down is believed down
 TOKEN_SERVICE_TRUST = 30.0  # seconds a token service that answered is believed up
+
+
+# What docxy hands a client while the upstream's token service is down (cache on): good for
+# nothing upstream, recognised by docxy, so that the client comes in for cached content.
+OFFLINE_TOKEN = "docxy-offline-token"
+OFFLINE_TOKEN_LIFETIME = 60
+
+
+def offline_token_answer(now: float) -> dict:
+    """A token service's answer carrying OFFLINE_TOKEN."""
+    issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return {"token": OFFLINE_TOKEN, "access_token": OFFLINE_TOKEN,
+            "expires_in": OFFLINE_TOKEN_LIFETIME, "issued_at": issued}
+
+
+def is_offline_token(authorization: bytes | None) -> bool:
+    return authorization == b"Bearer " + OFFLINE_TOKEN.encode()
 
 
 class CredentialsError(Exception):

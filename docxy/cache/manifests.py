@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import attrs
@@ -25,6 +23,7 @@ from twisted.web.http_headers import Headers
 from docxy.answers import API_VERSION, refuse, relay
 from docxy.cache.store import BlobStore
 from docxy.challenge import Realm
+from docxy.files import atomic_write
 from docxy.flight import SingleFlight
 from docxy.names import Route, is_valid_digest, upstream_name
 from docxy.proxy import RegistryProxy
@@ -37,6 +36,12 @@ log = Logger()
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit
 MAX_EXPECTED_TAGS = 10_000  # tags resolved by HEAD whose manifest has not been fetched yet
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class TokenServiceDown(UpstreamError):
+    def __init__(self) -> None:
+        super().__init__(503, "UNAVAILABLE", "the upstream's token service is down: only "
+                         "images already in the cache can be pulled now")
 
 
 class ManifestTooLarge(UpstreamError):
@@ -127,7 +132,7 @@ class ManifestCache:
     def _remember_tag(self, upstream: str, name: str, tag: str, digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
         try:
-            _atomic_write(self._tag_path(upstream, name, tag), json.dumps(entry).encode())
+            atomic_write(self._tag_path(upstream, name, tag), json.dumps(entry).encode())
         except OSError as e:
             log.warn("cannot remember tag {name}:{tag}: {err}", name=name, tag=tag, err=e.strerror or str(e))
 
@@ -138,7 +143,7 @@ class ManifestCache:
             path, f = self.store.new_partial(digest)
             with f:
                 f.write(body)
-            _atomic_write(self._type_path(digest), media_type.encode())
+            atomic_write(self._type_path(digest), media_type.encode())
             self.store.commit(digest, path, len(body))
         except OSError as e:
             if path is not None:
@@ -156,6 +161,52 @@ class ManifestCache:
         finally:
             handle.close()
             self.store.release(digest)
+
+    # --- after a restart ----------------------------------------------------------------
+    def restore_links(self, proxies: dict[str, RegistryProxy]) -> int:
+        """Tell each registry's access gate which digests its repositories hold, read back
+        from the tags kept and the manifests they name (an index's children, an image's
+        config and layers): the upstream served them there, so they may be served there
+        again while it cannot be asked.  Returns how many links were restored."""
+        by_key = {cache_key(name): proxy for name, proxy in proxies.items()}
+        count = 0
+        for upstream_dir in sorted(self._tags.iterdir()) if self._tags.is_dir() else ():
+            proxy = by_key.get(upstream_dir.name)
+            if proxy is None:
+                continue
+            for tag_file in upstream_dir.rglob("*"):
+                if not tag_file.is_file() or tag_file.name.startswith(".tmp-"):
+                    continue
+                name = tag_file.parent.relative_to(upstream_dir).as_posix()
+                entry = self.tag(proxy.name, name, tag_file.name)
+                if entry is not None:
+                    count += self._link_tree(proxy, name, entry.digest, depth=2)
+        if count:
+            log.info("restored {n} cached digests of tagged images", n=count)
+        return count
+
+    def _link_tree(self, proxy: RegistryProxy, name: str, digest: str, depth: int) -> int:
+        if not self.store.has(digest):
+            return 0
+        proxy.access.note_link(Route(name, "manifests", digest))
+        try:
+            document = json.loads(self.store.path(digest).read_bytes())
+        except (OSError, ValueError):
+            return 1
+        count = 1
+        if not isinstance(document, dict):
+            return count
+        children = document.get("manifests") if depth > 0 else None
+        for child in children if isinstance(children, list) else ():
+            if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                count += self._link_tree(proxy, name, child["digest"], depth - 1)
+        blobs = [document.get("config")] + list(document.get("layers") or [])
+        for blob in blobs:
+            if isinstance(blob, dict) and isinstance(blob.get("digest"), str):
+                if is_valid_digest(blob["digest"]):
+                    proxy.access.note_link(Route(name, "blobs", blob["digest"]))
+                    count += 1
+        return count
 
     # --- answers ------------------------------------------------------------------------
     async def answer(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
@@ -212,6 +263,9 @@ class ManifestCache:
             discard(head)
             self._serve_stale(request, route, entry, stale_why)
             return
+        if head.code == 401 and proxy.auth.token_service_down():
+            discard(head)
+            raise TokenServiceDown()
         media_type = self.media_type(digest) if digest and self.store.has(digest) else None
         if request.method == b"HEAD" and (head.code != 200 or media_type is None):
             # Not stored (or refused): the upstream's HEAD is the answer to a HEAD.
@@ -256,6 +310,9 @@ class ManifestCache:
         A body that is not whole is never stored (docxy.upstream.bodies.read_small)."""
         expected = route.reference if route.is_digest else None
         response = await proxy.pull(route, b"GET", request.requestHeaders, [])
+        if response.code == 401 and proxy.auth.token_service_down():
+            discard(response)
+            raise TokenServiceDown()
         if response.code != 200:
             relay(request, response, self._reactor, self._idle_timeout, realm)
             return _Fetched(request)
@@ -354,11 +411,4 @@ class ManifestCache:
             request.write(body)
         request.finish()
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 

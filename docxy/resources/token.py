@@ -3,17 +3,27 @@ clients to.  The upstream is the one the realm names, else the one the scopes' n
 select (a path prefix, or none for the default upstream; see docxy.selection).  GET and
 containerd's POST form flow are forwarded to that upstream's token service with its own
 service name and the scopes in its own names; Basic credentials pass through.  With client
-authentication on (--htpasswd), docxy is the token service itself: see `_login`."""
+authentication on (--htpasswd), docxy is the token service itself: see `_login`.
+
+With the cache on and the upstream's token service down, a token request is answered with
+docxy's offline token: it opens nothing upstream, but lets the client in for what the cache
+may serve it (docxy.cache.manifests), instead of failing its whole pull at the token."""
 from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.answers import answer_later, relay, send_error, send_json
 from docxy.names import InvalidRequest, is_valid_name, scope_repositories
 from docxy.policy import basic_credentials
 from docxy.resources._base import LeafResource, query_pairs
+from docxy.tokens import offline_token_answer
+from docxy.upstream.bodies import discard
+from docxy.upstream.errors import UpstreamError
+
+log = Logger()
 
 PATH = b"/auth/token"
 MAX_SCOPES = 100  # a pull asks for one or a few; more is refused before anything goes upstream
@@ -70,7 +80,19 @@ class TokenResource(LeafResource):
                 if e.code == "DENIED":  # a repository outside the registry's patterns
                     ctx.policy.refused("repository")
                 raise
-            relay(request, response, ctx.reactor, ctx.config.idle_timeout, None)
+            except UpstreamError:
+                if ctx.blobs is None or not proxy.auth.token_service_down():
+                    raise
+                response = None
+            if response is not None and (ctx.blobs is None or response.code < 500):
+                relay(request, response, ctx.reactor, ctx.config.idle_timeout, None)
+                return
+            if response is not None:
+                discard(response)
+            log.warn("the token service of {name} is down: answered a token request with "
+                     "docxy's offline token (only cached content can be pulled)",
+                     name=proxy.name)
+            send_json(request, 200, offline_token_answer(ctx.reactor.seconds()))
 
         return answer_later(request, work)
 

@@ -178,8 +178,9 @@ def test_upstream_killed_mid_blob_aborts_the_client_and_caches_nothing(upstream,
 # --- the token service is down ------------------------------------------------------------
 
 def test_token_service_down_gives_json_errors_and_cached_public_images_still_pull(upstream, tmp_path):
-    """With the token service stopped: a token request gets a clear 502 JSON error, a cached
-    public image still pulls with skopeo, an uncached one fails cleanly, docxy keeps serving."""
+    """With the token service stopped: a token request gets docxy's offline token (so the
+    client comes in), a cached public image still pulls with skopeo, an uncached one fails
+    with a 503 naming the token service, docxy keeps serving."""
     image, uncached = upstream.images.alpine, upstream.images.nested
     with Docxy(tmp_path / "docxy", mirror_args(upstream, cache=tmp_path / "cache")) as docxy:
         with Skopeo(tmp_path / "s1", tls_verify=False) as skopeo:
@@ -192,10 +193,14 @@ def test_token_service_down_gives_json_errors_and_cached_public_images_still_pul
         assert status == 200
         upstream.token_server.stop()
         try:
-            query = urlencode({"scope": f"repository:{image.short_name}:pull"})
+            query = urlencode({"scope": f"repository:{uncached.short_name}:pull"})
             status, headers, body = docxy.request(f"/auth/token?{query}")
-            assert status in (502, 503, 504), body
-            assert headers["Content-Type"] == "application/json"
+            assert status == 200 and headers["Content-Type"] == "application/json", body
+            offline = json.loads(body)["token"]
+            status, headers, body = docxy.request(
+                f"/v2/{uncached.short_name}/manifests/{uncached.tag}",
+                {"Authorization": f"Bearer {offline}", "Accept": uncached.media_type})
+            assert status == 503, body
             error = json.loads(body)["errors"][0]
             assert error["code"] == "UNAVAILABLE" and "token service" in error["message"]
             _still_serving(docxy)
@@ -273,18 +278,21 @@ def test_upstream_429_reaches_the_client_with_retry_after(faulty, tmp_path):
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])
 def test_upstream_hanging_after_headers_is_cut_by_the_idle_timeout(faulty, tmp_path, cached):
-    """A body that never comes: the blob client is aborted and the manifest client answered
-    within the idle timeout (2 s), and docxy keeps serving."""
+    """A body that never comes: the blob is asked for once more (--resume-attempts 1),
+    stalls again, and its client is aborted; the manifest client is answered within the
+    idle timeout (2 s); docxy keeps serving."""
     layer, data = faulty.content.layer("v1")
     cache = tmp_path / "cache" if cached else None
-    args = _fault_args(faulty, cache, "--idle-timeout", "2")
+    args = _fault_args(faulty, cache, "--idle-timeout", "2", "--resume-attempts", "1")
     with Docxy(tmp_path / "docxy", args) as docxy:
         faulty.set_mode("hang")
         started = time.monotonic()
         # Cut before or after the answer's headers: never a body that looks whole.
         with pytest.raises((http.client.IncompleteRead, ConnectionError)):
             docxy.request(f"/v2/fault/app/blobs/{layer}", timeout=30)
-        assert time.monotonic() - started < 15
+        assert 4 <= time.monotonic() - started < 15  # two stalls of 2 s, then the abort
+        blob_gets = [r for r in faulty.requests() if r["method"] == "GET" and layer in r["path"]]
+        assert len(blob_gets) == 2, blob_gets
 
         started = time.monotonic()
         if cached:  # the manifest is read whole before anything is sent: a clear error

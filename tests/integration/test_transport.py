@@ -157,3 +157,59 @@ def test_unreachable_upstream_is_502_json(make_docxy):
     body = response.read()
     assert response.status == 502 and b'"UNAVAILABLE"' in body
     assert response.getheader("Content-Type") == "application/json"
+
+
+def _established_to(pid: int, remote_port: int) -> int:
+    """ESTABLISHED TCP connections of process `pid` to 127.0.0.1:`remote_port` (its socket
+    inodes matched against /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == remote_port and f[9] in inodes:
+            count += 1
+    return count
+
+
+def test_upstream_connections_are_bounded_and_the_rest_queued(make_upstream, make_docxy):
+    """Nine clients at once with --upstream-connections 3: docxy never holds more than
+    three connections to the upstream, the others wait (none is refused), and every
+    client is served in turn."""
+    import threading
+
+    upstream = make_upstream(size=256 * 1024 * 1024)
+    docxy = make_docxy(upstream.url, "--upstream-connections", "3")
+    results: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", docxy.port, timeout=60)
+        conn.request("GET", f"/v2/big/blob/blobs/sha256:{i:064x}")
+        response = conn.getresponse()
+        got = len(response.read(1024 * 1024))
+        time.sleep(1.0)  # hold the transfer (and its upstream connection) a while
+        conn.close()
+        with lock:
+            results.append((response.status, got))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(9)]
+    for t in threads:
+        t.start()
+    most = 0
+    deadline = time.monotonic() + 60
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        most = max(most, _established_to(docxy.process.pid, upstream.port))
+        time.sleep(0.02)
+    for t in threads:
+        t.join(5)
+    assert sorted(results) == [(200, 1024 * 1024)] * 9
+    assert most == 3, f"docxy held {most} upstream connections at once"
+    opened = [e for e in upstream.events() if e.startswith("open ")]
+    assert len(opened) == 9

@@ -13,14 +13,12 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from docxy.cache.blobs import BlobCache
-from docxy.cache.manifests import ManifestCache
-from docxy.cache.store import BlobStore
 from docxy.config import Config
 from docxy.metrics import Metrics
 from docxy.proxy import RegistryProxy
 from docxy.resources._base import Context
 from docxy.selection import UpstreamTable
+from docxy.service import build_cache
 from docxy.site import DocxySite, api_resource
 from docxy.tokens import UpstreamAuth
 from docxy.upstreams import PRESETS, Upstream
@@ -142,9 +140,7 @@ def make_site(config: Config | None = None, upstream: FakeUpstream | None = None
                                            resume_attempts=config.resume_attempts)
     blobs = manifests = None
     if with_cache:
-        store = BlobStore(config.cache_dir, config.cache_max_size)
-        blobs = BlobCache(store, clock, config.idle_timeout, threaded_fills=False)
-        manifests = ManifestCache(store, clock, config.tag_ttl, config.idle_timeout)
+        blobs, manifests = build_cache(config, clock, proxies, threaded_fills=False)
     metrics = Metrics()
     context = Context(
         config=config,

@@ -294,3 +294,42 @@ class _Nothing:
 
     def connectionLost(self, reason) -> None:
         pass
+
+
+def test_a_restart_during_an_outage_still_serves_what_was_pulled(tmp_path):
+    """Pulled once (HEAD tag, GET index by digest, GET blob), then docxy restarts while the
+    upstream is down: the new daemon serves the tag, the index and the blob, because the
+    repositories anyone may pull and the digests their tags name were kept on disk."""
+    layer = b"layer bytes" * 100
+    index = (b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+             b'"config":{"digest":"' + digest_of(b"{}").encode() + b'","size":2},'
+             b'"layers":[{"digest":"' + digest_of(layer).encode() + b'","size":1100}]}')
+    modes = {"now": "up"}
+
+    def respond(method, url, headers, _body):
+        if modes["now"] == "down":
+            return UpstreamError(502, "UNAVAILABLE", "upstream unreachable")
+        if url.endswith("/v2/"):
+            return FakeResponse(200, body=b"{}")
+        if "/manifests/" in url:
+            hdrs = {b"content-type": ITYPE, b"docker-content-digest": digest_of(index).encode(),
+                    b"content-length": str(len(index)).encode()}
+            return FakeResponse(200, hdrs, length=0) if method == b"HEAD" else \
+                FakeResponse(200, hdrs, index)
+        if method == b"HEAD":
+            return FakeResponse(200, {b"content-length": b"1100"}, length=0)
+        return FakeResponse(200, body=layer)
+
+    config = hub_config(cache_dir=str(tmp_path / "cache"))
+    site, _, _ = make_site(config, FakeUpstream(respond), with_cache=True)
+    assert _head(site, "/v2/x/manifests/t")[0] == 200
+    assert get(site, f"/v2/x/manifests/{digest_of(index)}").response()[2] == index
+    assert get(site, f"/v2/x/blobs/{digest_of(layer)}").response()[2] == layer
+    modes["now"] = "down"
+    restarted, _, _ = make_site(config, FakeUpstream(respond), with_cache=True)
+    status, headers, _ = _head(restarted, "/v2/x/manifests/t")
+    assert status == 200 and headers[b"docker-content-digest"] == [digest_of(index).encode()]
+    assert get(restarted, f"/v2/x/manifests/{digest_of(index)}").response()[2] == index
+    assert get(restarted, f"/v2/x/blobs/{digest_of(layer)}").response()[2] == layer
+    # ...but only through the repository whose tag named it
+    assert get(restarted, f"/v2/y/blobs/{digest_of(layer)}").response()[0] == 502
