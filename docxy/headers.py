@@ -5,6 +5,9 @@ followed by docxy, and a CDN's signed URL is not the client's business).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+
 from twisted.web.http_headers import Headers
 
 # Sent upstream as the client sent them (every line of a repeated header, in order).
@@ -91,3 +94,15 @@ def without_authorization(headers: Headers) -> Headers:
     copy = headers.copy()
     copy.removeHeader(b"authorization")
     return copy
+
+
+def basic_credentials(authorization: bytes | None) -> tuple[str, str] | None:
+    """(user, password) from an `Authorization: Basic ...` header, or None."""
+    if not authorization or not authorization[:6].lower() == b"basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep and user else None

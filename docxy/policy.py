@@ -3,8 +3,6 @@ on, and its request rate.  Resources ask this one object; every refusal is a reg
 error and is counted in `docxy_refusals{reason=...}`."""
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 
 from twisted.logger import Logger
@@ -19,18 +17,6 @@ from docxy.ratelimit import RateLimiter, retry_after
 log = Logger()
 
 SERVICE = "docxy"
-
-
-def basic_credentials(authorization: bytes | None) -> tuple[str, str] | None:
-    """(user, password) from an `Authorization: Basic ...` header, or None."""
-    if not authorization or not authorization[:6].lower() == b"basic ":
-        return None
-    try:
-        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, sep, password = decoded.partition(":")
-    return (user, password) if sep and user else None
 
 
 def bearer_token(authorization: bytes | None) -> str | None:

@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from docxy.access import AccessGate
-from docxy.headers import upstream_request_headers
+from docxy.headers import basic_credentials, upstream_request_headers
 from docxy.names import (
     InvalidRequest,
     Route,
@@ -40,6 +40,12 @@ _TOKEN_FORM = ("grant_type", "client_id", "access_type", "username", "password",
 _NOT_RESUMED = (b"range", b"if-range", b"if-none-match", b"if-modified-since")
 
 log = Logger()
+
+
+def _anonymous_basic(authorization: bytes) -> bool:
+    """Basic credentials without a user (`Basic Og==`, what some clients send for none):
+    a token service refuses them, while it gives an anonymous token without them."""
+    return authorization[:6].lower() == b"basic " and basic_credentials(authorization) is None
 
 
 def tags_query(pairs: list[tuple[str, str]]) -> str:
@@ -222,7 +228,7 @@ class RegistryProxy:
             raise UpstreamError(404, "UNSUPPORTED", "the upstream registry does not use tokens")
         headers = Headers()
         authorization = client_headers.getRawHeaders(b"authorization", [None])[0]
-        if authorization:
+        if authorization and not _anonymous_basic(authorization):
             headers.setRawHeaders(b"authorization", [authorization])
         agent = client_headers.getRawHeaders(b"user-agent")
         if agent:

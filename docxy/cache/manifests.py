@@ -12,6 +12,7 @@ media type and the tag map live beside it, under `manifests/` and `tags/<upstrea
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -34,6 +35,7 @@ from docxy.upstream.errors import UpstreamError
 log = Logger()
 
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 MAX_EXPECTED_TAGS = 10_000  # tags resolved by HEAD whose manifest has not been fetched yet
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -66,6 +68,33 @@ class TagEntry:
     digest: str
     media_type: str
     checked: float
+
+
+def manifest_digest(body: bytes, media_type: str) -> str:
+    """The digest a registry names a manifest by: the SHA-256 of its bytes, except for a
+    signed schema 1 manifest (distribution 2.x still converts to it for clients that do
+    not accept v2), whose digest covers only the payload its signatures sign."""
+    if media_type.split(";")[0].strip().lower() == SCHEMA1_SIGNED:
+        body = _schema1_payload(body) or body
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _schema1_payload(body: bytes) -> bytes | None:
+    """A signed schema 1 manifest without its signatures: the body up to the protected
+    header's `formatLength`, then its `formatTail` (docker/libtrust's JWS form)."""
+    try:
+        protected = json.loads(body)["signatures"][0]["protected"]
+        header = json.loads(_b64url(protected))
+        length, tail = header["formatLength"], _b64url(header["formatTail"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(length, int) or not 0 <= length <= len(body):
+        return None
+    return body[:length] + tail
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def cache_key(upstream: str) -> str:
@@ -323,7 +352,10 @@ class ManifestCache:
             body = await read_small(response, MAX_MANIFEST, self._reactor, self._idle_timeout)
         except BodyTooLarge:
             raise ManifestTooLarge() from None
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        media_type = (
+            response.headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[0]
+        ).decode("latin-1")
+        digest = manifest_digest(body, media_type)
         announced = response.headers.getRawHeaders(b"docker-content-digest", [b""])[0].decode("latin-1")
         if (expected and expected != digest and expected.startswith("sha256:")) or (
             announced and announced.startswith("sha256:") and announced != digest
@@ -334,9 +366,6 @@ class ManifestCache:
                 ref=route.reference,
             )
             raise UpstreamError(502, "DIGEST_INVALID", "upstream manifest does not match its digest")
-        media_type = (
-            response.headers.getRawHeaders(b"content-type", [b"application/octet-stream"])[0]
-        ).decode("latin-1")
         self.misses += 1
         proxy.access.learn_publicity(self._note_served(proxy, route, request, digest))
         name = upstream_name(route.name, proxy.library)
