@@ -6,8 +6,11 @@ Repositories: `fault/app` (tags `v1`, `v2`, each a manifest with a config blob a
 layer) and `fault/huge` (tag `v1`: a 5 MiB manifest with its Content-Length; tag `chunked`:
 the same without one).  Modes, for every `/v2/<name>/...` request (`/v2/` always answers
 200): `ok`; `500` (a JSON error); `429` (TOOMANYREQUESTS with `Retry-After: 42`); `hang`
-(HEAD answers normally, GET sends its headers and then nothing, for up to two minutes).
-Each request is logged as a JSON line: method, path, mode and status.
+(HEAD answers normally, GET sends its headers and then nothing, for up to two minutes);
+`cut-manifest` (a manifest GET promises its Content-Length, has no Docker-Content-Digest,
+sends half and closes); `slow-headers` (every GET waits 3 s before its headers).
+Each request is logged as a JSON line: method, path, mode and status (null when the client
+went away before the answer could be written).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 HANG_SECONDS = 120
+SLOW_HEADERS = 3.0
 RETRY_AFTER = "42"
 
 
@@ -109,9 +113,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         mode = self.server.mode()
-        status = self._route(mode, body)
-        self.server.record({"method": self.command, "path": self.path, "mode": mode,
-                            "status": status})
+        status = None  # stays None when the client has gone before the answer is written
+        try:
+            status = self._route(mode, body)
+        finally:
+            self.server.record({"method": self.command, "path": self.path, "mode": mode,
+                                "status": status})
 
     def _route(self, mode: str, body: bool) -> int:
         path = self.path.split("?", 1)[0]
@@ -141,6 +148,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN",
                         "unknown", body)
             return 404
+        if mode == "cut-manifest" and kind == "manifests":
+            self.send_response(200)
+            self.send_header("Content-Type", MANIFEST_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+            self.close_connection = True
+            return 200
+        if mode == "slow-headers" and body:
+            time.sleep(SLOW_HEADERS)
         if mode == "hang" and body:
             self.send_response(200)
             for key, value in headers.items():

@@ -456,3 +456,69 @@ def test_cache_directory_removed_while_running(upstream, cdn_mode, tmp_path):
         assert not cached_blob(cache, layer.digest).exists()
         pull_image()
         assert "recreating" in docxy.log()
+
+
+# --- a manifest cut mid-body, references that cannot exist, the first client leaving ------
+
+def test_a_manifest_cut_mid_body_is_never_answered_as_whole(faulty, tmp_path):
+    """The upstream promises a manifest, sends half and closes (no Docker-Content-Digest,
+    fetched by tag): every request gets a JSON 502, never the half, nothing is cached, and
+    once the upstream is whole again the manifest is served whole."""
+    whole = faulty.content.manifests[("fault/app", "v1")]
+    with Docxy(tmp_path / "docxy", _fault_args(faulty, tmp_path / "cache")) as docxy:
+        faulty.set_mode("cut-manifest")
+        for _ in range(2):
+            status, headers, body = docxy.request("/v2/fault/app/manifests/v1", ACCEPT)
+            assert status == 502 and headers["Content-Type"] == "application/json", body
+            assert _error_code(body) == "UNAVAILABLE" and whole[: len(whole) // 2] not in body
+        gets = [r for r in faulty.requests() if r["method"] == "GET" and r["mode"] == "cut-manifest"]
+        assert len(gets) == 2, "a cut manifest was served from the cache"
+        assert not list((tmp_path / "cache" / "tags").rglob("v1"))
+        faulty.set_mode("ok")
+        status, _, body = docxy.request("/v2/fault/app/manifests/v1", ACCEPT)
+        assert status == 200 and body == whole
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path, code", [
+    ("/v2/fault/app/manifests/.INVALID_MANIFEST_NAME", "MANIFEST_UNKNOWN"),
+    ("/v2/fault/app/manifests/sha256:totallywrong", "MANIFEST_UNKNOWN"),
+    ("/v2/fault/app/blobs/sha256:totallywrong", "BLOB_UNKNOWN"),
+    ("/v2/fault/app/blobs/latest", "BLOB_UNKNOWN"),
+])
+def test_references_that_cannot_exist_are_404_and_never_sent_upstream(faulty, tmp_path, method,
+                                                                      path, code):
+    """What the OCI conformance suite asks (pull workflow): 404 with the registry error
+    (HEAD: no body), nothing sent upstream."""
+    with Docxy(tmp_path / "docxy", _fault_args(faulty, tmp_path / "cache")) as docxy:
+        before = len(faulty.requests())
+        status, headers, body = docxy.request(path, method=method)
+        assert status == 404
+        if method == "GET":
+            assert headers["Content-Type"] == "application/json" and _error_code(body) == code
+        status, _, _ = docxy.request("/health")  # a request after it, then compare
+        assert status == 200 and len(faulty.requests()) == before
+
+
+def test_the_first_client_leaving_before_the_upstream_answers_costs_no_second_download(
+        faulty, tmp_path):
+    """Two clients ask for a blob the upstream takes 3 s to answer; the first hangs up
+    after 1 s. The second gets the whole blob from the one upstream GET."""
+    import socket
+
+    layer, _ = faulty.content.layer("v1")
+    with Docxy(tmp_path / "docxy", _fault_args(faulty, tmp_path / "cache")) as docxy:
+        faulty.set_mode("slow-headers")
+        first = socket.create_connection(("127.0.0.1", docxy.port))
+        first.sendall(f"GET /v2/fault/app/blobs/{layer} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.5)  # the first client's request is the one that asks the upstream
+        out: dict = {}
+        second = threading.Thread(target=docxy.stream,
+                                  args=(f"/v2/fault/app/blobs/{layer}", {}, out))
+        second.start()
+        time.sleep(1.0)
+        first.close()
+        second.join(30)
+        assert out.get("status") == 200 and out.get("digest") == layer, out
+        gets = [r for r in faulty.requests() if r["method"] == "GET" and layer in r["path"]]
+        assert len(gets) == 1, gets
