@@ -16,6 +16,7 @@ log = Logger()
 LINGER = 2.0  # seconds a refused client's remaining bytes are read and dropped
 MAX_BODY = 1024 * 1024  # a request body (only token POSTs have one, of at most 64 KiB)
 _PHRASES = {431: b"Request Header Fields Too Large"}  # Twisted's RESPONSES lacks it
+TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 
 
 class DocxyChannel(HTTPChannel):
@@ -26,12 +27,23 @@ class DocxyChannel(HTTPChannel):
     _deadline = None
     _linger = None
     _refused = False
+    _seen_bytes = False
     _body_received = 0
 
     # --- the deadline -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return  # lingering: drop what the client still sends
+        if data[:1] == TLS_HANDSHAKE and not self._seen_bytes:
+            # A TLS ClientHello on a plain-HTTP port: podman and skopeo try TLS first on
+            # an `insecure` mirror and fall back to HTTP only once the handshake fails;
+            # waiting for a request line would cost them their 10 s handshake timeout.
+            log.info("{client} began a TLS handshake on a plain-HTTP port; closed",
+                     client=_peer(self.transport))
+            self.transport.loseConnection()
+            self._refused = True
+            return
+        self._seen_bytes = True
         if (
             self._deadline is None
             and data

@@ -132,3 +132,15 @@ def test_request_timeout_reaches_the_site():
     service = build_service(options.config(), Clock())
     sites = [s.factory for s in service if hasattr(s, "factory")]
     assert sites and all(site.request_timeout == 9.0 for site in sites)
+
+
+def test_a_tls_handshake_on_the_plain_port_is_closed_at_once():
+    """podman and skopeo try TLS first on an `insecure` mirror: a ClientHello on the plain
+    port is closed at once (they then fall back to HTTP), not left to the 30 s deadline."""
+    site, clock = _site()
+    ex = Exchange(site)
+    ex.channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40)
+    assert ex.transport.disconnecting and ex.transport.value() == b""
+    plain = Exchange(site)
+    plain.send("GET", "/health")
+    assert _answer(plain)[0] == 200
