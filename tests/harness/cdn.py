@@ -2,13 +2,19 @@
 
 The registry's `redirect` middleware sends blob GET/HEAD to `<baseurl>/docker/registry/v2/
 blobs/sha256/<ab>/<hex>/data`; nginx serves that path from the storage root directory, with
-Range support, and logs each request as JSON including `auth=yes/no` (never the value).
+Range support, and logs each request as JSON including `auth=yes/no` (never the value) and
+the `range` and `if_range` asked for.
 
 `restart(mode=...)` makes it misbehave: "ok", "slow" (rate-limited to `slow_rate`), "error"
 (503), "missing" (404), "corrupt" (same length, one byte flipped in every blob),
 "expire-first" (403 to the first request for each path, as to a signed URL that expired,
-then served: harness.expirygate keeps the state), "forbidden" (403 always). A connection
-cut mid-body is `stop()` during a transfer.
+then served: harness.expirygate keeps the state), "forbidden" (403 always), "norange"
+(served, but Range is ignored: 200 with the whole body, `max_ranges 0`), "single-use" (each
+URL, path and query, is served to one GET and refused 403 afterwards, as a signed URL that
+is good for one fetch; a HEAD is answered without using the URL up; with the front's `sign_redirects` every redirect carries its own
+`?sig=`, so a client that asks the registry again gets a URL that works, and one that
+re-uses an old URL is refused; expirygate keeps the state). A connection cut mid-body is
+`stop()` during a transfer, or harness.cutter in front of it (Upstream's `cdn_cutter`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from .nginx import NginxProcess
+from .nginx import JSON_LOG_FORMAT, NginxProcess
 from .pki import ServerCert
 from .procs import ManagedProcess, free_port, wait_for_port
 
-CdnMode = Literal["ok", "slow", "error", "missing", "corrupt", "expire-first", "forbidden"]
+CdnMode = Literal["ok", "slow", "error", "missing", "corrupt", "expire-first", "forbidden",
+                  "norange", "single-use"]
+_GATED_MODES = ("expire-first", "single-use")
+# The harness's JSON access log plus the request's If-Range (resumes send it with the ETag).
+_CDN_LOG_FORMAT = JSON_LOG_FORMAT.replace("harness_json", "harness_cdn_json").replace(
+    '"range":"$http_range",', '"range":"$http_range","if_range":"$http_if_range",')
 
 
 class Cdn:
@@ -42,7 +53,7 @@ class Cdn:
         self.slow_rate = slow_rate
         self.nginx = NginxProcess("cdn-nginx", self.workdir, self.port, "", interface)
         self.gate_port = free_port()
-        self.gate: ManagedProcess | None = None  # harness.expirygate, in "expire-first"
+        self.gate: ManagedProcess | None = None  # harness.expirygate, in _GATED_MODES
 
     @property
     def url(self) -> str:
@@ -60,10 +71,12 @@ class Cdn:
             return "return 404;"
         if self.mode == "corrupt":
             return f"root {self._corrupt_tree()};"
-        if self.mode == "expire-first":
+        if self.mode in _GATED_MODES:
             return f"auth_request /_gate; root {self.storage_dir};"
         if self.mode == "forbidden":
             return 'return 403 "signature expired\\n";'
+        if self.mode == "norange":
+            return f"root {self.storage_dir}; max_ranges 0;"
         raise ValueError(f"unknown CDN mode {self.mode!r}")
 
     def _corrupt_tree(self) -> Path:
@@ -86,7 +99,9 @@ class Cdn:
 
     def _http_body(self) -> str:
         return f"""
+    {_CDN_LOG_FORMAT}
     server {{
+        access_log {self.nginx.access_log_path} harness_cdn_json;
         listen {self.interface}:{self.port} ssl;
         server_name {self.host};
         ssl_certificate {self.cert.chain_path};
@@ -101,6 +116,7 @@ class Cdn:
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
         }}
         location / {{ return 404; }}
     }}
@@ -108,7 +124,7 @@ class Cdn:
 
     def start(self, timeout: float = 30.0) -> "Cdn":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.mode == "expire-first":
+        if self.mode in _GATED_MODES:
             self._start_gate(timeout)
         self.nginx.http_body = self._http_body()
         self.nginx.start(timeout)
@@ -117,7 +133,8 @@ class Cdn:
     def _start_gate(self, timeout: float) -> None:
         tests_dir = str(Path(__file__).resolve().parent.parent)
         self.gate = ManagedProcess(
-            "cdn-gate", [sys.executable, "-m", "harness.expirygate", "--port", str(self.gate_port)],
+            "cdn-gate", [sys.executable, "-m", "harness.expirygate", "--port", str(self.gate_port),
+                         "--mode", self.mode],
             self.workdir / "gate.log", env={"PYTHONPATH": tests_dir})
         self.gate.start()
         wait_for_port("127.0.0.1", self.gate_port, timeout, self.gate)

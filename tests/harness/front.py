@@ -4,6 +4,10 @@ It proxies everything to the registry unchanged (streaming, no buffering, Locati
 untouched), sends tag-list requests to `tagpager` because distribution 2.8 does not paginate
 them, adds Hub's `ratelimit-*` headers to manifest answers, and logs every request as JSON
 (with `auth=yes/no`, never the value) so tests can see what reached the upstream.
+
+With `sign_redirects` it appends `?sig=<nginx $request_id>` to every redirect into the
+storage tree (the registry's blob 307s to the CDN), so each redirect hands out a URL of its
+own, as Hub's signed CDN URLs are; the CDN's "single-use" mode then refuses a URL used twice.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ class RegistryFront:
     """nginx (TLS on `port`) + the tag pager, in front of a plain-HTTP registry."""
 
     def __init__(self, workdir: Path, backend_port: int, cert: ServerCert, port: int = 0,
-                 interface: str = "127.0.0.1") -> None:
+                 interface: str = "127.0.0.1", sign_redirects: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.sign_redirects = sign_redirects
         self.backend_port = backend_port
         self.cert = cert
         self.interface = interface
@@ -58,7 +63,7 @@ class RegistryFront:
         proxy_set_header X-Forwarded-For $remote_addr;
         proxy_buffering off;
         proxy_request_buffering off;
-        proxy_redirect off;
+        {self._redirect_rule()}
         proxy_read_timeout 900s;
         proxy_send_timeout 900s;
         location ~ ^/v2/.+/tags/list$ {{
@@ -76,8 +81,15 @@ class RegistryFront:
     }}
 """
 
+    def _redirect_rule(self) -> str:
+        if not self.sign_redirects:
+            return "proxy_redirect off;"
+        # Only a Location into the storage tree without a query of its own: blob redirects.
+        return r'proxy_redirect "~^([^?]*/docker/registry/v2/[^?]*)$" "$1?sig=$request_id";'
+
     def start(self, timeout: float = 30.0) -> "RegistryFront":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.nginx.http_body = self._http_body()
         self.pager.start()
         wait_for_port(self.interface, self.pager_port, timeout, self.pager)
         self.nginx.start(timeout)

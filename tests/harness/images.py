@@ -15,6 +15,7 @@ import http.client
 import io
 import json
 import os
+import random
 import ssl
 import tarfile
 import zlib
@@ -438,11 +439,32 @@ class RegistryClient:
         self.close()
 
 
+def _padding(label: str, architecture: str, size: int) -> dict[str, bytes]:
+    """`size` bytes that do not compress, the same for the same image on every run."""
+    if not size:
+        return {}
+    seed = hashlib.sha256(f"{label}/{architecture}".encode()).digest()
+    out = bytearray()
+    while len(out) < size:
+        seed = hashlib.sha256(seed).digest()
+        out += _random_block(seed)
+    return {"padding.bin": bytes(out[:size])}
+
+
+def _random_block(seed: bytes, size: int = 1 << 16) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
 def build_test_images(cache_dir: Path, large_layer_size: int = 300 << 20,
-                      private_repository: str = "private/secret") -> ImageSet:
-    """The standard set (see `ImageSet`); only the large layer touches the disk."""
-    amd = lambda label, oci=False: simple_image(label, "amd64", oci=oci)
-    arm = lambda label, oci=False: simple_image(label, "arm64", "v8", oci=oci)
+                      private_repository: str = "private/secret",
+                      padding: int = 0) -> ImageSet:
+    """The standard set (see `ImageSet`); only the large layer touches the disk.  With
+    `padding`, every small image's layer also holds that many incompressible bytes (a
+    layer large enough to be cut mid-body)."""
+    amd = lambda label, oci=False: simple_image(
+        label, "amd64", oci=oci, extra_files=_padding(label, "amd64", padding))
+    arm = lambda label, oci=False: simple_image(
+        label, "arm64", "v8", oci=oci, extra_files=_padding(label, "arm64", padding))
     big_blob, big_diff = build_large_layer(cache_dir, large_layer_size)
     small, small_diff = make_layer({"etc/os-release": b'NAME="docxy large"\n'})
     large_manifest = make_image_manifest(
@@ -465,9 +487,10 @@ def build_test_images(cache_dir: Path, large_layer_size: int = 300 << 20,
 
 def push_test_images(registry_url: str, cache_dir: Path, large_layer_size: int = 300 << 20,
                      ssl_context: ssl.SSLContext | None = None,
-                     private_repository: str = "private/secret") -> ImageSet:
+                     private_repository: str = "private/secret",
+                     padding: int = 0) -> ImageSet:
     """Build the standard set and push it to a registry that has auth off."""
-    images = build_test_images(cache_dir, large_layer_size, private_repository)
+    images = build_test_images(cache_dir, large_layer_size, private_repository, padding)
     with RegistryClient(registry_url, ssl_context) as client:
         for image in images:
             client.push_image(image)

@@ -8,7 +8,15 @@ token auth and the CDN redirect, and puts the nginx TLS front before it:
     cdn_url       https://localhost:P2   (nginx serving the storage dir, blob redirects)
     token_url     https://127.0.0.1:P3/token   (the realm, auth.docker.io's role)
 
-Use it as a context manager or call `stop()`; every process it started is reaped.
+Options, all off by default: `cdn_cutter=True` puts a harness.cutter.Cutter (a TCP proxy
+that cuts or stalls connections, TLS passing through) between the registry's redirects and
+the CDN: the redirects name https://localhost:<cutter port>, and `up.cutter.budget = 1 << 20`
+cuts every CDN connection after 1 MiB (None: no cuts). `signed_urls=True` makes the front
+append a unique `?sig=` to every blob redirect (see harness.front), for the CDN's
+"single-use" mode (`up.restart_cdn("single-use")`).
+
+Use it as a context manager or call `stop()`; every process it started (and the cutter) is
+stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from urllib.parse import urlencode
 
 from . import images as images_mod
 from .cdn import Cdn, CdnMode
+from .cutter import Cutter
 from .front import RegistryFront
 from .pki import CertificateAuthority, ServerCert, SigningCert, cert_dir_for, create_signing_cert
 from .registry import Registry, RegistrySettings, TokenAuth
@@ -67,6 +76,8 @@ class Upstream:
     images: images_mod.ImageSet = field(repr=False)
     auth: bool = True
     redirect: bool = True
+    cutter: Cutter | None = None  # between the registry's redirects and the CDN
+    signed_urls: bool = False
 
     # -- construction --------------------------------------------------------------------
 
@@ -76,7 +87,8 @@ class Upstream:
               service: str = DEFAULT_SERVICE, issuer: str = DEFAULT_ISSUER,
               users: Mapping[str, str] | None = None,
               private_repos: Sequence[str] = DEFAULT_PRIVATE_REPOS,
-              cdn_host: str = "localhost") -> "Upstream":
+              cdn_host: str = "localhost", image_padding: int = 0,
+              cdn_cutter: bool = False, signed_urls: bool = False) -> "Upstream":
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -100,24 +112,30 @@ class Upstream:
             users=users, private_repos=list(private_repos),
             tls_cert_path=str(token_cert.chain_path), tls_key_path=str(token_cert.key_path),
         ), workdir / "token")
-        front = RegistryFront(workdir / "front", registry.port, registry_cert)
+        front = RegistryFront(workdir / "front", registry.port, registry_cert,
+                              sign_redirects=signed_urls)
+        cutter = Cutter(cdn.port, cdn.interface) if cdn_cutter else None
         started: list[Any] = []
         try:
             registry.start()
             started.append(registry)
             image_set = images_mod.push_test_images(
                 registry.url, cache, large_layer_size,
-                private_repository=cls._private_example(private_repos))
+                private_repository=cls._private_example(private_repos),
+                padding=image_padding)
             cdn.start()
             started.append(cdn)
             token_server.start()
             started.append(token_server)
+            if cutter is not None:
+                cutter.start()
+                started.append(cutter)
             up = cls(workdir=workdir, service=service, issuer=issuer, users=users,
                      private_repos=tuple(private_repos), root_ca=root, intermediate_ca=inter,
                      registry_cert=registry_cert, cdn_cert=cdn_cert, token_cert=token_cert,
                      signing_cert=signing, cert_dir=cert_dir, registry=registry, front=front,
                      cdn=cdn, token_server=token_server, images=image_set,
-                     auth=auth, redirect=redirect)
+                     auth=auth, redirect=redirect, cutter=cutter, signed_urls=signed_urls)
             registry.restart(**up._registry_changes(auth, redirect))
             front.start()
             started.append(front)
@@ -141,7 +159,7 @@ class Upstream:
         token_auth = TokenAuth(realm=self.token_url, service=self.service, issuer=self.issuer,
                                rootcertbundle=self.signing_cert.cert_path) if auth else None
         return {"token_auth": token_auth,
-                "redirect_baseurl": self.cdn_url if redirect else None}
+                "redirect_baseurl": self.redirect_url if redirect else None}
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -162,7 +180,16 @@ class Upstream:
 
     @property
     def cdn_url(self) -> str:
+        """The CDN nginx itself."""
         return self.cdn.url
+
+    @property
+    def redirect_url(self) -> str:
+        """What the registry's blob redirects name: the cutter when there is one (same host
+        name as the CDN, the cutter's port), else the CDN."""
+        if self.cutter is None:
+            return self.cdn.url
+        return f"https://{self.cdn.host}:{self.cutter.port}"
 
     @property
     def token_url(self) -> str:
@@ -186,8 +213,10 @@ class Upstream:
 
     def stop(self) -> None:
         """Stop everything; safe to call twice."""
-        for stop in (self.front.stop, self.registry.stop, self.token_server.stop,
-                     self.cdn.stop):
+        stops = [self.front.stop, self.registry.stop, self.token_server.stop, self.cdn.stop]
+        if self.cutter is not None:
+            stops.append(self.cutter.stop)
+        for stop in stops:
             try:
                 stop()
             except Exception:  # keep stopping the others
