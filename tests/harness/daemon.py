@@ -15,9 +15,12 @@ from typing import Sequence
 from harness.procs import ManagedProcess, free_port, wait_for_port
 
 
-def mirror_args(upstream, *extra: str, cache: Path | None = None) -> list[str]:
-    """docxy's options for mirroring the test `upstream` as docker.io (library/ on)."""
-    args = ["--upstream", upstream.registry_url, "--upstream-ca", str(upstream.ca_path),
+def mirror_args(upstream, *extra: str, cache: Path | None = None,
+                url: str | None = None) -> list[str]:
+    """docxy's options for mirroring the test `upstream` as docker.io (library/ on); `url`
+    replaces the registry's URL (a proxy of the test's own in front of it, with a
+    certificate from the upstream's CA)."""
+    args = ["--upstream", url or upstream.registry_url, "--upstream-ca", str(upstream.ca_path),
             "--library"]
     if cache is not None:
         args += ["--cache-dir", str(cache)]
