@@ -16,7 +16,6 @@ import time
 from urllib.parse import urlencode
 
 import attrs
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 

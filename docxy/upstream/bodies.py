@@ -292,12 +292,11 @@ class _Body:
         self._leg = None
         self._transport = None
         self._timer.disarm()
-        whole = cut_reason(reason, self._expected, self._delivered) is None
-        if whole or self._stopped:
-            self._finish(reason)
-            return
         why = cut_reason(reason, self._expected, self._delivered)
-        self._retry(why, reason)
+        if why is None or self._stopped:
+            self._finish(reason)
+        else:
+            self._retry(why, reason)
 
     def _stalled(self) -> None:
         transport = self._transport

@@ -92,9 +92,9 @@ class FakeUpstream:
 
 
 def blob_upstream(data: bytes, auto: bool = True) -> tuple[FakeUpstream, list[FakeResponse]]:
-    """An upstream that answers every blob GET with `data` (a HEAD with its length) and
-    `/v2/` with 200; the GET responses it handed out are in the list, for a test to drive
-    by hand when `auto` is off."""
+    """An upstream that answers every blob GET with `data` (with an ETag; a `Range: bytes=N-`
+    with a 206 of the rest), a HEAD with its length and `/v2/` with 200; the GET responses
+    it handed out are in the list, for a test to drive by hand when `auto` is off."""
     responses: list[FakeResponse] = []
 
     def respond(method, url, headers, body):
@@ -102,7 +102,15 @@ def blob_upstream(data: bytes, auto: bool = True) -> tuple[FakeUpstream, list[Fa
             return FakeResponse(200, body=b"{}")
         if method == b"HEAD":
             return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
-        response = FakeResponse(200, body=data, length=len(data), auto=auto)
+        wanted = headers.getRawHeaders(b"range", [None])[0]
+        if wanted:
+            start = int(wanted.split(b"=")[1].split(b"-")[0])
+            span = f"bytes {start}-{len(data) - 1}/{len(data)}".encode()
+            response = FakeResponse(206, {b"content-range": span}, body=data[start:],
+                                    length=len(data) - start, auto=auto)
+        else:
+            response = FakeResponse(200, {b"etag": b'"e1"'}, body=data, length=len(data),
+                                    auto=auto)
         responses.append(response)
         return response
 

@@ -236,15 +236,13 @@ def test_cached_blob_needs_upstream_yes_for_the_client(tmp_path):
     assert len(anonymous) == 1  # docxy asked once whether anyone may pull it: no
 
 
-def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
-    """Clients that ask while the first is still waiting for the upstream's headers wait
-    for it and join its download: one upstream GET, not one each."""
+def _slow_blob_site(tmp_path):
+    """A site whose upstream answers blob GETs only when the test fires `answer`; the
+    GETs it was asked are in `gets`."""
     from twisted.internet import defer
 
-    data = b"q" * 5000
-    digest = digest_of(data)
     answer: defer.Deferred = defer.Deferred()
-    gets = []
+    gets: list[str] = []
 
     class Slow(FakeUpstream):
         async def request(self, method, url, headers, body=None, follow_redirects=True):
@@ -258,13 +256,35 @@ def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
 
     config = hub_config(cache_dir=str(tmp_path / "cache"))
     site, _, _ = make_site(config, Slow(), with_cache=True)
-    clients = [get(site, f"/v2/x/blobs/{digest}") for _ in range(4)]
-    response = FakeResponse(200, body=data)
-    answer.callback(response)
+    return site, answer, gets
+
+
+def test_clients_arriving_before_upstream_answers_make_one_request(tmp_path):
+    """Clients that ask while the first is still waiting for the upstream's headers wait
+    for it and join its download: one upstream GET, not one each."""
+    data = b"q" * 5000
+    site, answer, gets = _slow_blob_site(tmp_path)
+    clients = [get(site, f"/v2/x/blobs/{digest_of(data)}") for _ in range(4)]
+    answer.callback(FakeResponse(200, body=data))
     assert len(gets) == 1
     for ex in clients:
         status, _, body = ex.response()
         assert status == 200 and body == data
+
+
+def test_the_first_client_leaving_before_the_headers_costs_no_second_download(tmp_path):
+    """Two clients miss one blob; the first leaves while the upstream is still answering:
+    the one upstream GET goes on and the second client gets the whole blob."""
+    data = b"q" * 5000
+    site, answer, gets = _slow_blob_site(tmp_path)
+    first = get(site, f"/v2/x/blobs/{digest_of(data)}")
+    second = get(site, f"/v2/x/blobs/{digest_of(data)}")
+    first.http.connectionLost(Failure(ConnectionDone()))
+    assert not answer.called, "the first client's leaving cancelled the shared request"
+    answer.callback(FakeResponse(200, body=data))
+    status, _, body = second.response()
+    assert status == 200 and body == data
+    assert len(gets) == 1
 
 
 # --- manifests ------------------------------------------------------------------------

@@ -1,19 +1,18 @@
 """Pull flows as real clients run them, in memory: tags resolved by HEAD then fetched by
-digest (dockerd, containerd), a manifest cut mid-body, the first client leaving before the
-upstream answers, blob downloads resumed after a cut, and connection slots per host."""
+digest (dockerd, containerd), a manifest cut mid-body, blob downloads resumed after a cut,
+connection slots per host, a restart during an outage.  (The first client leaving before
+the upstream answers: test_cache.py.)"""
 from __future__ import annotations
 
 import hashlib
 
 import pytest_twisted
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
-from twisted.python.failure import Failure
 
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.slots import HostSlots, hold_until_body_ends
 
-from .fakes import FakeResponse, FakeUpstream, get, hub_config, make_site
+from .fakes import FakeResponse, FakeUpstream, blob_upstream, get, hub_config, make_site
 
 INDEX = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
 ITYPE = b"application/vnd.oci.image.index.v1+json"
@@ -132,130 +131,67 @@ def test_a_manifest_cut_mid_body_is_an_error_and_never_stored(tmp_path):
     assert list((tmp_path / "cache" / "tags").rglob("t")) == []
 
 
-def test_the_first_client_leaving_before_the_headers_costs_no_second_download(tmp_path):
-    """Two clients miss one blob; the first leaves while the upstream is still answering:
-    the one upstream GET goes on and the second client gets the whole blob."""
-    data = b"q" * 5000
-    digest = digest_of(data)
-    answer: defer.Deferred = defer.Deferred()
-    gets = []
-
-    class Slow(FakeUpstream):
-        async def request(self, method, url, headers, body=None, follow_redirects=True):
-            self.calls.append((method, url, headers, body))
-            if method == b"HEAD":
-                return FakeResponse(200, {}, length=0)
-            if url.endswith("/v2/"):
-                return FakeResponse(200, body=b"{}")
-            gets.append(url)
-            return await answer
-
-    site, _, _ = make_site(hub_config(cache_dir=str(tmp_path / "cache")), Slow(),
-                           with_cache=True)
-    first = get(site, f"/v2/x/blobs/{digest}")
-    second = get(site, f"/v2/x/blobs/{digest}")
-    first.http.connectionLost(Failure(ConnectionDone()))
-    assert not answer.called, "the first client's leaving cancelled the shared request"
-    answer.callback(FakeResponse(200, body=data))
-    status, _, body = second.response()
-    assert status == 200 and body == data
-    assert len(gets) == 1
+BLOB = bytes(range(256)) * 40
 
 
-def _blob_site(tmp_path, data: bytes, cache: bool, attempts: int = 5):
-    """Every blob GET is answered by a hand-driven response; a Range GET by a 206."""
-    responses: list[FakeResponse] = []
-
-    def respond(method, url, headers, body):
-        if url.endswith("/v2/"):
-            return FakeResponse(200, body=b"{}")
-        if method == b"HEAD":
-            return FakeResponse(200, {b"content-length": str(len(data)).encode()}, length=0)
-        wanted = headers.getRawHeaders(b"range", [None])[0]
-        if wanted:
-            start = int(wanted.split(b"=")[1].split(b"-")[0])
-            response = FakeResponse(
-                206, {b"content-range": f"bytes {start}-{len(data) - 1}/{len(data)}".encode()},
-                body=data[start:], length=len(data) - start, auto=False)
-        else:
-            response = FakeResponse(200, {b"etag": b'"e1"'}, body=data, length=len(data),
-                                    auto=False)
-        responses.append(response)
-        return response
-
+def _cut_download(tmp_path, cache: bool, at: int, attempts: int = 5):
+    """A client GET of BLOB whose upstream body breaks after `at` bytes; every Range GET
+    gets a hand-driven 206 of the rest."""
+    upstream, responses = blob_upstream(BLOB, auto=False)
     config = (hub_config(cache_dir=str(tmp_path / "cache"), resume_attempts=attempts)
               if cache else hub_config(resume_attempts=attempts))
-    site, upstream, clock = make_site(config, FakeUpstream(respond), with_cache=cache)
-    return site, upstream, responses, clock
+    site, _, clock = make_site(config, upstream, with_cache=cache)
+    ex = get(site, f"/v2/x/blobs/{digest_of(BLOB)}")
+    responses[0].protocol.dataReceived(BLOB[:at])
+    responses[0].cut()
+    clock.advance(0)
+    return ex, upstream, responses, clock
 
 
 def test_a_cache_download_cut_mid_body_is_resumed_and_verified(tmp_path):
     """The upstream breaks after 3000 bytes: docxy asks for the rest with Range and
     If-Range, the client gets the whole blob, and it enters the cache."""
-    data = bytes(range(256)) * 40
-    digest = digest_of(data)
-    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=True)
-    ex = get(site, f"/v2/x/blobs/{digest}")
-    responses[0].protocol.dataReceived(data[:3000])
-    responses[0].cut()
-    clock.advance(0)
+    ex, upstream, responses, _ = _cut_download(tmp_path, cache=True, at=3000)
     assert len(responses) == 2
     resumed = upstream.calls[-1][2]
     assert resumed.getRawHeaders(b"range") == [b"bytes=3000-10239"]
     assert resumed.getRawHeaders(b"if-range") == [b'"e1"']
-    responses[1].protocol.dataReceived(data[3000:])
+    responses[1].protocol.dataReceived(BLOB[3000:])
     responses[1].end()
     status, _, body = ex.response()
-    assert status == 200 and body == data
-    assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == data
+    assert status == 200 and body == BLOB
+    digest = digest_of(BLOB)
+    assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == BLOB
 
 
 def test_a_resumed_download_that_does_not_add_up_is_discarded(tmp_path):
     """Resumed bytes that make another blob: the digest check fails, the client is
     aborted and nothing is cached."""
-    data = bytes(range(256)) * 40
-    digest = digest_of(data)
-    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=True)
-    ex = get(site, f"/v2/x/blobs/{digest}")
-    responses[0].protocol.dataReceived(data[:3000])
-    responses[0].cut()
-    clock.advance(0)
-    responses[1].protocol.dataReceived(b"x" * (len(data) - 3000))
+    ex, _, responses, _ = _cut_download(tmp_path, cache=True, at=3000)
+    responses[1].protocol.dataReceived(b"x" * (len(BLOB) - 3000))
     responses[1].end()
     assert ex.transport.disconnected
-    assert not list((tmp_path / "cache" / "blobs").rglob(digest[7:]))
+    assert not list((tmp_path / "cache" / "blobs").rglob(digest_of(BLOB)[7:]))
 
 
 def test_an_uncached_relay_resumes_from_the_byte_the_client_has(tmp_path):
     """--no-cache: a cut relay asks for the rest; the client sees one whole body."""
-    data = bytes(range(256)) * 40
-    digest = digest_of(data)
-    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=False)
-    ex = get(site, f"/v2/x/blobs/{digest}")
-    responses[0].protocol.dataReceived(data[:4096])
-    responses[0].cut()
-    clock.advance(0)
+    ex, upstream, responses, _ = _cut_download(tmp_path, cache=False, at=4096)
     assert upstream.calls[-1][2].getRawHeaders(b"range") == [b"bytes=4096-10239"]
-    responses[1].protocol.dataReceived(data[4096:])
+    responses[1].protocol.dataReceived(BLOB[4096:])
     responses[1].end()
     status, headers, body = ex.response()
-    assert status == 200 and body == data
-    assert headers[b"content-length"] == [str(len(data)).encode()]
+    assert status == 200 and body == BLOB
+    assert headers[b"content-length"] == [str(len(BLOB)).encode()]
     assert not ex.transport.disconnected
 
 
 def test_a_relay_that_cannot_be_resumed_aborts_the_client(tmp_path):
     """Every resume fails: after the attempts the client's connection is aborted."""
-    data = bytes(range(256)) * 40
-    digest = digest_of(data)
-    site, upstream, responses, clock = _blob_site(tmp_path, data, cache=False, attempts=2)
-    ex = get(site, f"/v2/x/blobs/{digest}")
-    responses[0].protocol.dataReceived(data[:100])
-    responses[0].cut()
+    ex, _, responses, clock = _cut_download(tmp_path, cache=False, at=100, attempts=2)
     for _ in range(2):
-        clock.advance(10)
         responses[-1].cut()
-    clock.advance(10)
+        clock.advance(10)
     assert len(responses) == 3
     assert ex.transport.disconnected
 
