@@ -40,7 +40,8 @@ def _mix(upstream: Upstream) -> list[tuple[str, str, int]]:
         ("GET", f"/v2/library/alpine/blobs/{layer}", 200),             # from the cache
         ("GET", "/v2/library/manytags/tags/list?n=20", 200),           # relayed upstream
         ("GET", "/v2/", 200),                                          # answered locally
-        ("GET", "/v2/library/alpine/manifests/..%2F..%2Fetc", 400),    # refused
+        ("GET", "/v2/library/alpine/manifests/..%2F..%2Fetc", 404),    # cannot exist
+        ("GET", "/v2/" + "a" * 256 + "/manifests/latest", 400),         # name too long
         ("GET", "/nowhere", 404),
         ("GET", "/v2/library/nothere/manifests/latest", 404),          # upstream says no
     ]
