@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.answers import answer_later, relay, send_error, send_json
-from docxy.names import InvalidRequest, is_valid_name, scope_repositories
 from docxy.headers import basic_credentials
+from docxy.names import InvalidRequest, is_valid_name, scope_repositories
 from docxy.resources._base import LeafResource, query_pairs
 from docxy.tokens import offline_token_answer
 from docxy.upstream.bodies import discard
