@@ -336,8 +336,11 @@ class _Body:
         self._waiting = None
         if failure.check(defer.CancelledError) or self._done:
             return
-        why = failure.value.message if isinstance(failure.value, UpstreamError) else \
-            failure.getErrorMessage()
+        if isinstance(failure.value, UpstreamError):
+            why = failure.value.message
+        else:  # not an upstream's failure: a bug, whose traceback must not be lost
+            log.failure("asking an upstream again for a cut body failed", failure)
+            why = failure.getErrorMessage()
         self._retry(f"could not be asked again ({why})", failure)
 
     def _answered(self, response: IResponse, position: int) -> None:
