@@ -291,8 +291,11 @@ def test_upstream_hanging_after_headers_is_cut_by_the_idle_timeout(faulty, tmp_p
         with pytest.raises((http.client.IncompleteRead, ConnectionError)):
             docxy.request(f"/v2/fault/app/blobs/{layer}", timeout=30)
         assert 4 <= time.monotonic() - started < 15  # two stalls of 2 s, then the abort
-        blob_gets = [r for r in faulty.requests() if r["method"] == "GET" and layer in r["path"]]
-        assert len(blob_gets) == 2, blob_gets
+        # the server logs a stalled GET once docxy has hung up on it
+        blob_gets = lambda: [r for r in faulty.requests()  # noqa: E731
+                             if r["method"] == "GET" and layer in r["path"]]
+        poll_until(lambda: len(blob_gets()) >= 2, 10)
+        assert len(blob_gets()) == 2, blob_gets()
 
         started = time.monotonic()
         if cached:  # the manifest is read whole before anything is sent: a clear error
