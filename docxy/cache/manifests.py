@@ -46,6 +46,14 @@ class TokenServiceDown(UpstreamError):
                          "images already in the cache can be pulled now")
 
 
+def _refuse_while_tokens_are_down(proxy: RegistryProxy, response) -> None:
+    """A 401 while the token service is down: no client can get a token, so the answer is
+    a 503 naming it (a challenge would send the client round in circles)."""
+    if response.code == 401 and proxy.auth.token_service_down():
+        discard(response)
+        raise TokenServiceDown()
+
+
 class ManifestTooLarge(UpstreamError):
     def __init__(self) -> None:
         super().__init__(502, "MANIFEST_INVALID", "upstream manifest larger than 4 MiB")
@@ -292,9 +300,7 @@ class ManifestCache:
             discard(head)
             self._serve_stale(request, route, entry, stale_why)
             return
-        if head.code == 401 and proxy.auth.token_service_down():
-            discard(head)
-            raise TokenServiceDown()
+        _refuse_while_tokens_are_down(proxy, head)
         media_type = self.media_type(digest) if digest and self.store.has(digest) else None
         if request.method == b"HEAD" and (head.code != 200 or media_type is None):
             # Not stored (or refused): the upstream's HEAD is the answer to a HEAD.
@@ -339,9 +345,7 @@ class ManifestCache:
         A body that is not whole is never stored (docxy.upstream.bodies.read_small)."""
         expected = route.reference if route.is_digest else None
         response = await proxy.pull(route, b"GET", request.requestHeaders, [])
-        if response.code == 401 and proxy.auth.token_service_down():
-            discard(response)
-            raise TokenServiceDown()
+        _refuse_while_tokens_are_down(proxy, response)
         if response.code != 200:
             relay(request, response, self._reactor, self._idle_timeout, realm)
             return _Fetched(request)
