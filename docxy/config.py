@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import attrs
 
-from docxy.upstreams import DEFAULT_UPSTREAM, PRESETS, Upstream
+from docxy.registry.presets import DEFAULT_UPSTREAM, PRESETS, Upstream
 
 
 @attrs.frozen
@@ -23,7 +23,7 @@ class Config:
     connect_timeout: float = 10.0
     header_timeout: float = 60.0
     idle_timeout: float = 60.0
-    request_timeout: float = 30.0  # a client's whole request (docxy.channel)
+    request_timeout: float = 30.0  # a client's whole request (docxy.web.channel)
     max_token_body: int = 64 * 1024
     max_redirects: int = 5
     pool_size: int = 32
@@ -32,13 +32,13 @@ class Config:
     cache_dir: str | None = None
     cache_max_size: int | None = None
     tag_ttl: float = 0.0
-    # observability (docxy.metrics, docxy.logs)
+    # observability (docxy.ops.metrics, docxy.ops.logs)
     metrics_listen: str | None = None  # /metrics on its own endpoint, not on the API's
     log_format: str = "text"  # or "json"
-    # lifecycle (docxy.certreload, docxy.lifecycle)
+    # lifecycle (docxy.ops.certreload, docxy.ops.lifecycle)
     cert_check_interval: float = 60.0
     stop_timeout: float = 30.0
-    # who may use the mirror (docxy.policy)
+    # who may use the mirror (docxy.admission.policy)
     htpasswd: str | None = None
     allow_anonymous: bool = False
     allow_networks: tuple[str, ...] = ()

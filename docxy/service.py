@@ -13,28 +13,33 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from docxy.activation import adopted_port
+from docxy.admission.networks import NetworkPolicy, is_local_endpoint, parse_networks
+from docxy.admission.policy import ClientPolicy
+from docxy.admission.ratelimit import RateLimiter
+from docxy.admission.tokens import TokenIssuer
+from docxy.admission.users import Htpasswd, HtpasswdError
 from docxy.cache.blobs import BlobCache
 from docxy.cache.manifests import ManifestCache, cache_key
 from docxy.cache.store import BlobStore
-from docxy.certreload import CertificateReloader, CurrentCertificate
-from docxy.clienttokens import TokenIssuer
 from docxy.config import Config
-from docxy.htpasswd import Htpasswd, HtpasswdError
-from docxy.lifecycle import GracefulStop
-from docxy.logs import DocxyService, log_observer
-from docxy.measured import MeasuredClient
-from docxy.metrics import Metrics
-from docxy.netacl import NetworkPolicy, is_local_endpoint, parse_networks
-from docxy.policy import ClientPolicy
-from docxy.proxy import RegistryProxy
-from docxy.ratelimit import RateLimiter
-from docxy.resources._base import Context
-from docxy.selection import UpstreamTable
-from docxy.site import DocxySite, api_resource, metrics_resource_tree, redirect_resource
-from docxy.tls import ServerTLS, upstream_trust
-from docxy.tokens import UpstreamAuth, read_credentials
+from docxy.ops.activation import adopted_port
+from docxy.ops.certreload import CertificateReloader, CurrentCertificate
+from docxy.ops.lifecycle import GracefulStop
+from docxy.ops.logs import DocxyService, log_observer
+from docxy.ops.metrics import Metrics
+from docxy.ops.tls import ServerTLS, upstream_trust
+from docxy.registry.selection import UpstreamTable
+from docxy.upstream.auth import UpstreamAuth, read_credentials
 from docxy.upstream.client import UpstreamClient
+from docxy.upstream.measured import MeasuredClient
+from docxy.upstream.proxy import RegistryProxy
+from docxy.web.resources._base import Context
+from docxy.web.site import (
+    DocxySite,
+    api_resource,
+    metrics_resource_tree,
+    redirect_resource,
+)
 
 log = Logger()
 

@@ -13,19 +13,12 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from docxy.admission.networks import parse_networks
+from docxy.admission.ratelimit import parse_rate
 from docxy.config import Config
-from docxy.logs import LOG_FORMATS
-from docxy.netacl import parse_networks
-from docxy.ratelimit import parse_rate
-from docxy.service import (
-    AccessConfigError,
-    CacheConfigError,
-    build_service,
-    raise_open_files_limit,
-)
-from docxy.tls import TLSConfigError
-from docxy.tokens import CredentialsError
-from docxy.upstreams import (
+from docxy.ops.logs import LOG_FORMATS
+from docxy.ops.tls import TLSConfigError
+from docxy.registry.presets import (
     ConfigFileError,
     FileSettings,
     Upstream,
@@ -33,6 +26,13 @@ from docxy.upstreams import (
     check_url,
     read_config_file,
 )
+from docxy.service import (
+    AccessConfigError,
+    CacheConfigError,
+    build_service,
+    raise_open_files_limit,
+)
+from docxy.upstream.auth import CredentialsError
 
 log = Logger()
 

@@ -5,7 +5,7 @@ relayed uncached, and so is every new one for a while after a write found the di
 
 The store is shared by every upstream: a blob is kept once by its digest, whichever
 registry it came from.  Cached content of a repository is served only to a client that
-repository's upstream would serve it to: its `docxy.access.AccessGate` asks (see there).
+repository's upstream would serve it to: its `docxy.upstream.access.AccessGate` asks (see there).
 """
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ import errno
 import attrs
 from twisted.logger import Logger
 
-from docxy.answers import refuse, relay, send_error
 from docxy.cache.fill import COMPLETE, FAILED, Fill
 from docxy.cache.follow import FileFollower
 from docxy.cache.store import BlobStore
-from docxy.challenge import Realm
 from docxy.flight import SingleFlight
-from docxy.names import Route
-from docxy.proxy import RegistryProxy
-from docxy.ranges import UNSATISFIABLE, parse_range
-from docxy.relay import request_gone
+from docxy.registry.challenge import Realm
+from docxy.registry.names import Route
+from docxy.registry.ranges import UNSATISFIABLE, parse_range
 from docxy.upstream.bodies import Resumer, deliver, discard
+from docxy.upstream.proxy import RegistryProxy
+from docxy.web.answers import refuse, relay, send_error
+from docxy.web.relay import request_gone
 
 log = Logger()
 

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from docxy.cache.fill import COMPLETE, FAILED, Fill
-from docxy.relay import abort_client, request_gone
+from docxy.web.relay import abort_client, request_gone
 
 CHUNK = 256 * 1024
 

@@ -21,16 +21,16 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from docxy.answers import API_VERSION, refuse, relay
 from docxy.cache.store import BlobStore
-from docxy.challenge import Realm
 from docxy.files import atomic_write
 from docxy.flight import SingleFlight
-from docxy.names import Route, is_valid_digest, upstream_name
-from docxy.proxy import RegistryProxy
-from docxy.relay import request_gone
+from docxy.registry.challenge import Realm
+from docxy.registry.names import Route, is_valid_digest, upstream_name
 from docxy.upstream.bodies import BodyTooLarge, discard, read_small
 from docxy.upstream.errors import UpstreamError
+from docxy.upstream.proxy import RegistryProxy
+from docxy.web.answers import API_VERSION, refuse, relay
+from docxy.web.relay import request_gone
 
 log = Logger()
 

@@ -26,9 +26,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
-from docxy.idle import IdleTimer
-from docxy.ranges import parse_content_range, range_from, unsatisfied_size
+from docxy.registry.ranges import parse_content_range, range_from, unsatisfied_size
 from docxy.upstream.errors import UpstreamError
+from docxy.upstream.idle import IdleTimer
 
 log = Logger()
 

@@ -26,8 +26,8 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from docxy.headers import without_authorization
-from docxy.tls import ReusedContextPolicy
+from docxy.ops.tls import ReusedContextPolicy
+from docxy.registry.headers import without_authorization
 from docxy.upstream.bodies import discard
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.slots import HostSlots, hold_until_body_ends

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import threading
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path

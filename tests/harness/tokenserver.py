@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, IO, Sequence
+from typing import IO, Any, Sequence
 from urllib.parse import urlencode
 
 import jwt
@@ -412,6 +412,7 @@ class TokenServerProcess:
 
     def __init__(self, config: TokenServerConfig, workdir: Path) -> None:
         import dataclasses
+
         from .procs import ManagedProcess, free_port
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)

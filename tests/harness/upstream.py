@@ -37,7 +37,13 @@ from . import images as images_mod
 from .cdn import Cdn, CdnMode
 from .cutter import Cutter
 from .front import RegistryFront
-from .pki import CertificateAuthority, ServerCert, SigningCert, cert_dir_for, create_signing_cert
+from .pki import (
+    CertificateAuthority,
+    ServerCert,
+    SigningCert,
+    cert_dir_for,
+    create_signing_cert,
+)
 from .registry import Registry, RegistrySettings, TokenAuth
 from .tokenserver import TokenServerConfig, TokenServerProcess
 

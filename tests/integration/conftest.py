@@ -37,8 +37,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
 from harness.daemon import Docxy, mirror_args  # noqa: E402
 
 
-
-
 def _running(daemon: Docxy) -> Iterator[Docxy]:
     daemon.start()
     try:

@@ -12,7 +12,6 @@ from typing import Iterator
 
 import bcrypt
 import pytest
-
 from harness.clients import ClientError, Containerd, DockerDaemon, Podman
 from harness.daemon import Docxy, mirror_args
 from harness.procs import free_port

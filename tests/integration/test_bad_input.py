@@ -13,14 +13,13 @@ import time
 from urllib.parse import urlencode
 
 import pytest
-
 from harness.daemon import Docxy
 from harness.faultserver import FaultServer
 
 pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT = 3  # docxy's --request-timeout here
-LINGER = 2  # docxy.channel.LINGER
+LINGER = 2  # docxy.web.channel.LINGER
 
 
 # --- fixtures and helpers -----------------------------------------------------------------

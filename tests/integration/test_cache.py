@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from harness.clients import Skopeo
 from harness.daemon import Docxy
 from harness.procs import poll_until

@@ -13,7 +13,6 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-
 from harness.daemon import Docxy, cached_blob, mirror_args
 from harness.procs import poll_until
 

@@ -6,7 +6,6 @@ docxy; every digest must equal the upstream's."""
 from __future__ import annotations
 
 import pytest
-
 from harness.clients import Containerd, DockerDaemon, Podman
 from harness.daemon import Docxy
 

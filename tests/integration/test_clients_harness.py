@@ -17,10 +17,15 @@ from typing import Iterator
 
 import bcrypt
 import pytest
-
 from harness import images
-from harness.clients import (ClientError, Containerd, DockerDaemon, Podman, Skopeo,
-                             mounts_under)
+from harness.clients import (
+    ClientError,
+    Containerd,
+    DockerDaemon,
+    Podman,
+    Skopeo,
+    mounts_under,
+)
 from harness.pki import CertificateAuthority
 from harness.procs import ManagedProcess, free_port, poll_until, wait_for_port
 from harness.registry import Registry, RegistrySettings, registry_config

@@ -15,7 +15,6 @@ from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
 from harness.cutter import Cutter
 from harness.procs import poll_until
 from harness.upstream import Upstream

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-
 from harness.clients import ClientError, Skopeo
 from harness.daemon import Docxy, cached_blob, mirror_args
 from harness.faultserver import RETRY_AFTER, FaultServer

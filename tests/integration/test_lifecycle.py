@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-
 from harness.daemon import Docxy, mirror_args, twistd_path
 from harness.procs import ManagedProcess, free_port, poll_until, port_open
 

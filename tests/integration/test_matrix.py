@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
 from harness.clients import ClientError, Containerd, DockerDaemon, Podman, Skopeo
 from harness.daemon import Docxy, cached_blob, mirror_args
 from harness.faultfront import FaultFront

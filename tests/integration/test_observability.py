@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from harness.clients import Skopeo
 from harness.daemon import Docxy, mirror_args
 from harness.procs import free_port, poll_until
 from harness.upstream import Upstream
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,6 @@ pull it through docxy with the upstream's digests."""
 from __future__ import annotations
 
 import pytest
-
 from harness.clients import ClientError, DockerDaemon, Skopeo
 from harness.daemon import Docxy
 from harness.upstream import Upstream

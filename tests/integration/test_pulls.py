@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from harness.clients import ClientError, CopyResult, Skopeo
 from harness.daemon import Docxy
 from harness.images import ALL_MANIFEST_TYPES, Image

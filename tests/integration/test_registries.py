@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness.clients import Containerd, DockerDaemon, Podman, Skopeo
 from harness.daemon import Docxy
 from harness.upstream import Upstream

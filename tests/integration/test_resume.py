@@ -23,12 +23,11 @@ from typing import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from harness.clients import Skopeo
 from harness.daemon import Docxy, cached_blob, mirror_args
 from harness.procs import poll_until
 from harness.upstream import Upstream
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

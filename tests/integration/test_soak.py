@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness.daemon import Docxy, mirror_args
 from harness.upstream import Upstream
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness.daemon import Docxy
 from harness.procs import ManagedProcess, free_port, wait_for_port
 

@@ -19,7 +19,6 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import jwt
 import pytest
 from cryptography import x509
-
 from harness.images import ALL_MANIFEST_TYPES, Blob
 from harness.procs import poll_until
 from harness.upstream import Upstream

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import attrs
-
 from twisted.internet import address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -14,14 +13,14 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from docxy.config import Config
-from docxy.metrics import Metrics
-from docxy.proxy import RegistryProxy
-from docxy.resources._base import Context
-from docxy.selection import UpstreamTable
+from docxy.ops.metrics import Metrics
+from docxy.registry.presets import PRESETS, Upstream
+from docxy.registry.selection import UpstreamTable
 from docxy.service import build_cache
-from docxy.site import DocxySite, api_resource
-from docxy.tokens import UpstreamAuth
-from docxy.upstreams import PRESETS, Upstream
+from docxy.upstream.auth import UpstreamAuth
+from docxy.upstream.proxy import RegistryProxy
+from docxy.web.resources._base import Context
+from docxy.web.site import DocxySite, api_resource
 
 
 class BodyTransport:

@@ -6,10 +6,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from docxy.admission.networks import NetworkPolicy
+from docxy.admission.policy import ClientPolicy
 from docxy.config import Config
-from docxy.netacl import NetworkPolicy
-from docxy.policy import ClientPolicy
-from docxy.upstreams import Upstream
+from docxy.registry.presets import Upstream
 
 from .fakes import Exchange, FakeResponse, FakeUpstream, hub, make_site
 

@@ -67,7 +67,7 @@ def _cut_after(response: FakeResponse, half: bytes):
 
 
 def _gets(upstream, part: str) -> int:
-    from docxy.headers import MANIFEST_ACCEPT
+    from docxy.registry.headers import MANIFEST_ACCEPT
 
     return len([c for c in upstream.calls if c[0] == b"GET" and part in c[1]
                 and c[2].getRawHeaders(b"accept") != [MANIFEST_ACCEPT]])

@@ -3,16 +3,15 @@ import tempfile
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from harness.pki import CertificateAuthority
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from docxy.site import DocxySite
 from docxy.service import endpoint_port
 from docxy.tap import Options, makeService, parse_size
-from docxy.tokens import CredentialsError, read_credentials
-from harness.pki import CertificateAuthority
-
+from docxy.upstream.auth import CredentialsError, read_credentials
+from docxy.web.site import DocxySite
 
 _SCRATCH = tempfile.mkdtemp(prefix="docxy-tap-")
 
@@ -155,7 +154,7 @@ def test_every_key_form_loads(certs, kind, key_attr):
 
 def test_whole_chain_is_offered(certs):
     """Every certificate of a fullchain file is sent: the intermediate rides along."""
-    from docxy.tls import ServerTLS
+    from docxy.ops.tls import ServerTLS
 
     server = ServerTLS(str(certs["ec"].chain_path), str(certs["ec"].key_path))
     assert len(server.chain) == 2

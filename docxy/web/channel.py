@@ -1,0 +1,164 @@
+"""The HTTP/1.1 connection of docxy's sites: Twisted's `HTTPChannel` with an absolute
+deadline for receiving a request (its idle timeout alone lets a client that trickles a byte
+a second hold a connection forever), a cap on request bodies (docxy takes no uploads), and
+registry JSON answers to oversized or malformed requests instead of a bare 400 or a
+silently closed connection.
+"""
+from __future__ import annotations
+
+from twisted.logger import Logger
+from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+
+from docxy.web.answers import error_body
+
+log = Logger()
+
+LINGER = 2.0  # seconds a refused client's remaining bytes are read and dropped
+MAX_BODY = 1024 * 1024  # a request body (only token POSTs have one, of at most 64 KiB)
+_PHRASES = {431: b"Request Header Fields Too Large"}  # Twisted's RESPONSES lacks it
+TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
+
+
+class DocxyChannel(HTTPChannel):
+    """`request_timeout` seconds (0: none) from a request's first byte to its last; a
+    client slower than that gets 408 and is disconnected, however steadily it trickles."""
+
+    request_timeout: float = 30.0
+    _deadline = None
+    _linger = None
+    _refused = False
+    _seen_bytes = False
+    _body_received = 0
+
+    # --- the deadline -------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: drop what the client still sends
+        if data[:1] == TLS_HANDSHAKE and not self._seen_bytes:
+            # A TLS ClientHello on a plain-HTTP port: podman and skopeo try TLS first on
+            # an `insecure` mirror and fall back to HTTP only once the handshake fails;
+            # waiting for a request line would cost them their 10 s handshake timeout.
+            log.info("{client} began a TLS handshake on a plain-HTTP port; closed",
+                     client=_peer(self.transport))
+            self.transport.loseConnection()
+            self._refused = True
+            return
+        self._seen_bytes = True
+        if (
+            self._deadline is None
+            and data
+            and not self._handlingRequest
+            and self.request_timeout > 0
+        ):
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()  # the request is whole: answering it takes what it takes
+        super().allContentReceived()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, "TIMEOUT", f"request not received within {self.request_timeout:g}s")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    # --- oversized and malformed requests -----------------------------------------------
+    def lineReceived(self, line: bytes):
+        if self._refused:
+            return None
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(431, "SIZE_INVALID",
+                         f"request headers larger than {self.totalHeadersSize} bytes")
+            return None
+        return super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            value = value.strip()
+            # Checked before Twisted turns it into an int (which fails past 4300 digits).
+            if len(value) > 18 or (value.isdigit() and int(value) > MAX_BODY):
+                self._refuse(413, "SIZE_INVALID", f"request body larger than {MAX_BODY} bytes")
+                return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._body_received = 0
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not self._handlingRequest:  # a body (chunked ones have no Content-Length)
+            self._body_received += len(data)
+            if self._body_received > MAX_BODY + 64 * 1024:  # the cap, and chunk framing
+                self._refuse(413, "SIZE_INVALID", f"request body larger than {MAX_BODY} bytes")
+                return
+        super().rawDataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes):
+        # No request object yet: the request line itself is too long.
+        if not self.requests:
+            self._refuse(414, "SIZE_INVALID", f"request line longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._refuse(431, "SIZE_INVALID", f"request header longer than {self.MAX_LENGTH} bytes")
+        return None
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to a malformed request line or header: a bare 400 and a close.
+        self._refuse(400, "UNSUPPORTED", "malformed HTTP request")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer with a JSON error and close, first reading (and dropping) for a moment
+        what the client is still sending: closing a socket with unread bytes resets the
+        connection, and the client could lose the answer."""
+        self._cancel_deadline()
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self._buffer = b""  # LineReceiver's: stop parsing what is left
+        log.info("{client} refused: {status} {why}; disconnected",
+                 client=_peer(self.transport), status=status, why=message)
+        self.setTimeout(None)
+        body = error_body(code, message)
+        head = (
+            b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status) or RESPONSES.get(status, b"Error"))
+            + b"content-type: application/json\r\n"
+            + b"content-length: %d\r\n" % len(body)
+            + b"docker-distribution-api-version: registry/2.0\r\n"
+            + b"connection: close\r\n\r\n"
+        )
+        self.transport.write(head + body)
+        metrics = getattr(getattr(self, "site", None), "metrics", None)
+        if metrics is not None:  # never reaches the site's request log: count it here
+            metrics.count_request("other", status, 0.0, len(head) + len(body), "local")
+            metrics.refusals.labels("bad_request").inc()
+        self._linger = self.callLater(LINGER, self._close)
+
+    def _close(self) -> None:
+        self._linger = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_deadline()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+        super().connectionLost(reason)
+
+
+def _peer(transport) -> str:
+    peer = transport.getPeer() if transport is not None else None
+    return getattr(peer, "host", "-")
+
+
+def channel_factory(site) -> _GenericHTTPChannelProtocol:
+    """`Site.protocol`: Twisted's HTTP/1.1-or-HTTP/2 switch around a DocxyChannel."""
+    channel = DocxyChannel()
+    channel.request_timeout = getattr(site, "request_timeout", DocxyChannel.request_timeout)
+    return _GenericHTTPChannelProtocol(channel)

@@ -1,0 +1,62 @@
+"""`/v2/<name>/manifests|blobs|tags/<reference>`: picks the upstream (see
+docxy.registry.selection), checks the path against the registry grammar before anything goes
+upstream, then answers from the cache or relays the upstream answer.  HEAD stays HEAD
+upstream (a HEAD costs no pull on Hub) and keeps the upstream Content-Length."""
+from __future__ import annotations
+
+from twisted.web.server import NOT_DONE_YET
+
+from docxy.registry.names import InvalidRequest, parse_route, upstream_name
+from docxy.web.answers import answer_later, login_realm, relay, send_error, token_realm
+from docxy.web.resources._base import PullResource, query_pairs
+
+
+class RegistryResource(PullResource):
+    def answer(self, request):
+        ctx = self.context
+        policy = ctx.policy
+        try:
+            selection, proxy = ctx.select(request, request.path)
+            route = parse_route(selection.path)
+            name = upstream_name(route.name, proxy.library)
+            request.docxy_what = (f"{proxy.name}/{name}", route.reference)
+            proxy.check_allowed([name])
+        except InvalidRequest as e:
+            if e.code in ("NAME_UNKNOWN", "DENIED"):
+                policy.refused("not_mirrored" if e.code == "NAME_UNKNOWN" else "repository")
+            send_error(request, e.status, e.code, e.message)
+            return NOT_DONE_YET  # the error is already written
+        if policy.auth_required:
+            scope = f"repository:{selection.scope_prefix or ''}{route.name}:pull"
+            realm_url = login_realm(request, ctx.config.public_url, ctx.server_names)
+            if not policy.admit_user(request, realm_url, scope):
+                return NOT_DONE_YET
+        # A manifest is what a pull costs upstream (Hub counts manifest GETs): rate-limit those.
+        if route.kind == "manifests" and not policy.admit_rate(request):
+            return NOT_DONE_YET
+
+        realm = (
+            None
+            if proxy.mirror_mode
+            else token_realm(request, ctx.config.public_url, ctx.server_names, selection)
+        )
+        if route.kind == "manifests" and ctx.manifests is not None:
+            manifests = ctx.manifests
+            return answer_later(request, lambda: manifests.answer(request, proxy, route, realm))
+        blobs = ctx.blobs
+        if (
+            blobs is not None
+            and route.kind == "blobs"
+            and (request.method == b"GET" or blobs.holds(route.reference))
+        ):
+            # GETs go through the cache; a HEAD of a blob not held stays a HEAD upstream.
+            return answer_later(request, lambda: blobs.answer(request, proxy, route, realm))
+
+        async def work() -> None:
+            response = await proxy.pull(
+                route, request.method, request.requestHeaders, query_pairs(request)
+            )
+            resumer = proxy.resumer(route, request.requestHeaders) if request.method == b"GET" else None
+            relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm, resumer)
+
+        return answer_later(request, work)
