@@ -14,17 +14,18 @@ import errno
 import attrs
 from twisted.logger import Logger
 
-from docxy.cache.fill import COMPLETE, FAILED, Fill
-from docxy.cache.follow import FileFollower
+from docxy.cache.fill import Fill
 from docxy.cache.store import BlobStore
 from docxy.flight import SingleFlight
 from docxy.registry.challenge import Realm
 from docxy.registry.names import Route
 from docxy.registry.ranges import UNSATISFIABLE, parse_range
+from docxy.stream.clients import request_gone
+from docxy.stream.download import State
+from docxy.stream.follower import Follower
 from docxy.upstream.bodies import Resumer, deliver, discard
 from docxy.upstream.proxy import RegistryProxy
 from docxy.web.answers import refuse, relay, send_error
-from docxy.web.relay import request_gone
 
 log = Logger()
 
@@ -174,7 +175,7 @@ class BlobCache:
         self._fills.pop(fill.digest, None)
         self.stats.bytes_from_upstream += fill.written
         self._note_write_error(fill.write_error)
-        if fill.state != "complete":
+        if fill.state is not State.COMPLETE:
             self.stats.failed_fills += 1
             if fill.reason.startswith("digest mismatch"):
                 self.stats.digest_mismatches += 1
@@ -182,14 +183,14 @@ class BlobCache:
     def _serve(self, request, digest: str, fill: Fill | None, handle=None) -> bool:
         """Answer from the store (fill None) or from a download; False, with nothing
         answered, when the stored file is gone.  `handle`: the download's file, opened."""
-        if request_gone(request) or (fill is not None and fill.state == FAILED):
+        if request_gone(request) or (fill is not None and fill.state is State.FAILED):
             if handle is not None:
                 handle.close()
             if not request_gone(request):
                 # It ended (in this very call stack, for a small body) and was not whole.
                 send_error(request, 502, "BLOB_UNKNOWN", "the upstream blob failed verification")
             return True
-        if fill is not None and fill.state == COMPLETE and handle is None:
+        if fill is not None and fill.state is State.COMPLETE and handle is None:
             fill = None  # already in the store (or, if it could not be stored, a miss)
         if fill is None:
             size = self.store.size_of(digest)
@@ -228,11 +229,10 @@ class BlobCache:
             request.finish()
             return True
 
-        def closed() -> None:
+        def closed(follower: Follower) -> None:
             release()
             if fill is None:
                 self.stats.bytes_from_cache += follower.sent
 
-        follower = FileFollower(request, handle, start, end, fill, on_close=closed)
-        follower.start()
+        Follower(request, start, end, fill, handle, on_close=closed).start()
         return True

@@ -30,7 +30,7 @@ from docxy.upstream.bodies import BodyTooLarge, discard, read_small
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.proxy import RegistryProxy
 from docxy.web.answers import API_VERSION, refuse, relay
-from docxy.web.relay import request_gone
+from docxy.stream.clients import request_gone
 
 log = Logger()
 

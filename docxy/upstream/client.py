@@ -7,6 +7,8 @@ signed CDN URL that is refused (expired) makes docxy ask the registry once more 
 one.
 Bodies are not read here: see `docxy.upstream.bodies`.  At most `connections` requests
 run at once per upstream host (`docxy.upstream.slots`); more wait for a free slot.
+The requests themselves go through an `IAgent`: Twisted's pooled `Agent` by default, an
+in-memory one (treq's `RequestTraversalAgent`) in tests.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from io import BytesIO
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import (
     Agent,
@@ -24,12 +27,14 @@ from twisted.web.client import (
     ResponseFailed,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
 
-from docxy.ops.tls import ReusedContextPolicy
+from docxy.ops.tls import ReusedContextPolicy, SystemTrustPlus
 from docxy.registry.headers import without_authorization
 from docxy.upstream.bodies import discard
 from docxy.upstream.errors import UpstreamError
+from docxy.upstream.interfaces import IUpstreamClient
 from docxy.upstream.slots import HostSlots, hold_until_body_ends
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
@@ -40,36 +45,47 @@ log = Logger()
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of `url`, the default port filled in: what a redirect compares
+    to decide whether `Authorization` goes along, and what connection slots are held per."""
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     return parts.scheme, (parts.hostname or ""), port
 
 
+@implementer(IUpstreamClient)
 class UpstreamClient:
+    """`trust_root` (None: the platform's), `connect_timeout` and `pool_size` build the
+    default agent, a pooled `Agent` verifying upstreams against `trust_root`.  Given an
+    `agent`, they are unused and its connections are its owner's to close."""
+
     def __init__(
         self,
-        reactor,
-        trust_root,
+        reactor: IReactorTime,
+        trust_root: SystemTrustPlus | None,
         *,
         connect_timeout: float,
         header_timeout: float,
         max_redirects: int,
         pool_size: int,
         connections: int = 32,
+        agent: IAgent | None = None,
     ) -> None:
         self._reactor = reactor
         self.slots = HostSlots(connections)
         self._header_timeout = header_timeout
         self._max_redirects = max_redirects
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = pool_size
-        self.pool.cachedConnectionTimeout = 90
-        self._agent = Agent(
-            reactor,
-            contextFactory=ReusedContextPolicy(trust_root),
-            connectTimeout=connect_timeout,
-            pool=self.pool,
-        )
+        self.pool: HTTPConnectionPool | None = None
+        if agent is None:
+            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool.maxPersistentPerHost = pool_size
+            self.pool.cachedConnectionTimeout = 90
+            agent = Agent(
+                reactor,
+                contextFactory=ReusedContextPolicy(trust_root),
+                connectTimeout=connect_timeout,
+                pool=self.pool,
+            )
+        self._agent = agent
 
     async def request(
         self,
@@ -156,7 +172,9 @@ class UpstreamClient:
         except error.ConnectionLost:
             raise UpstreamError(502, "UNAVAILABLE", "upstream connection lost") from None
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[None]:
+        if self.pool is None:
+            return defer.succeed(None)
         return self.pool.closeCachedConnections()
 
 

@@ -22,7 +22,8 @@ from docxy.registry.publicurl import Arrival, external_base
 from docxy.registry.selection import Selection
 from docxy.upstream.bodies import Resumer, body_length, discard
 from docxy.upstream.errors import UpstreamError
-from docxy.web.relay import request_gone, stream
+from docxy.stream.clients import request_gone
+from docxy.stream.uncached import send_body
 
 log = Logger()
 
@@ -118,7 +119,7 @@ def relay(
     length = body_length(response)
     if length is not None and response.code not in (204, 304):
         request.setHeader(b"content-length", b"%d" % length)
-    stream(request, response, reactor, idle_timeout, resumer)
+    send_body(request, response, reactor, idle_timeout, resumer)
 
 
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}

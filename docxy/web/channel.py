@@ -2,12 +2,16 @@
 deadline for receiving a request (its idle timeout alone lets a client that trickles a byte
 a second hold a connection forever), a cap on request bodies (docxy takes no uploads), and
 registry JSON answers to oversized or malformed requests instead of a bare 400 or a
-silently closed connection.
+silently closed connection.  `DocxySite.protocol` is this class itself (docxy offers no
+ALPN, so Twisted's HTTP/1.1-or-HTTP/2 switch would only ever pick HTTP/1.1).
+
+The Twisted internals it relies on are named in one place, `_TwistedInternals` below, with
+why no public API does; tests/unit/web/test_channel.py checks they still exist.
 """
 from __future__ import annotations
 
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import RESPONSES, HTTPChannel
 
 from docxy.web.answers import error_body
 
@@ -19,9 +23,34 @@ _PHRASES = {431: b"Request Header Fields Too Large"}  # Twisted's RESPONSES lack
 TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 
 
-class DocxyChannel(HTTPChannel):
+class _TwistedInternals(HTTPChannel):
+    """The private parts of Twisted's `HTTPChannel` docxy uses, and only here.  Each has no
+    public counterpart in Twisted 23.10 to 26.x (setup.cfg bounds the version below 27)."""
+
+    # Twisted's own answer to a malformed request line, header, chunk or form: a bare 400
+    # and a close.  It is the one place every such refusal passes, and HTTPChannel offers
+    # no public hook for it; overriding it is the only way to answer in registry JSON.
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._bad_request()
+
+    def _bad_request(self) -> None:
+        """Answer a malformed request (DocxyChannel: in registry JSON) and disconnect."""
+        raise NotImplementedError
+
+    @property
+    def _answering(self) -> bool:
+        """Whether a whole request is being answered (bytes arriving now are the next,
+        pipelined request's, which HTTPChannel buffers).  Twisted keeps this in
+        `_handlingRequest` and exposes it nowhere; mirroring it from allContentReceived
+        and requestDone would have to match the order in which requestDone replays the
+        buffered bytes, a copy of Twisted's rule that would drift."""
+        return self._handlingRequest
+
+
+class DocxyChannel(_TwistedInternals):
     """`request_timeout` seconds (0: none) from a request's first byte to its last; a
-    client slower than that gets 408 and is disconnected, however steadily it trickles."""
+    client slower than that gets 408 and is disconnected, however steadily it trickles.
+    `DocxySite.buildProtocol` sets it from the site's."""
 
     request_timeout: float = 30.0
     _deadline = None
@@ -29,6 +58,7 @@ class DocxyChannel(HTTPChannel):
     _refused = False
     _seen_bytes = False
     _body_received = 0
+    _head_size = 0  # bytes of the request line and headers so far, counted as Twisted does
 
     # --- the deadline -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -47,7 +77,7 @@ class DocxyChannel(HTTPChannel):
         if (
             self._deadline is None
             and data
-            and not self._handlingRequest
+            and not self._answering
             and self.request_timeout > 0
         ):
             self._deadline = self.callLater(self.request_timeout, self._too_slow)
@@ -55,6 +85,7 @@ class DocxyChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._cancel_deadline()  # the request is whole: answering it takes what it takes
+        self._head_size = 0
         super().allContentReceived()
 
     def _too_slow(self) -> None:
@@ -70,7 +101,10 @@ class DocxyChannel(HTTPChannel):
     def lineReceived(self, line: bytes):
         if self._refused:
             return None
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        # HTTPChannel counts the same bytes, but answers a bare 400 past the limit; ours
+        # comes first, at the same byte, and says what the limit was.
+        self._head_size += len(line)
+        if self._head_size > self.totalHeadersSize:
             self._refuse(431, "SIZE_INVALID",
                          f"request headers larger than {self.totalHeadersSize} bytes")
             return None
@@ -93,7 +127,7 @@ class DocxyChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        if not self._handlingRequest:  # a body (chunked ones have no Content-Length)
+        if not self._answering:  # a body (chunked ones have no Content-Length)
             self._body_received += len(data)
             if self._body_received > MAX_BODY + 64 * 1024:  # the cap, and chunk framing
                 self._refuse(413, "SIZE_INVALID", f"request body larger than {MAX_BODY} bytes")
@@ -108,8 +142,8 @@ class DocxyChannel(HTTPChannel):
             self._refuse(431, "SIZE_INVALID", f"request header longer than {self.MAX_LENGTH} bytes")
         return None
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's answer to a malformed request line or header: a bare 400 and a close.
+    def _bad_request(self) -> None:
+        # What Twisted would answer with a bare 400 (see _TwistedInternals).
         self._refuse(400, "UNSUPPORTED", "malformed HTTP request")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
@@ -120,7 +154,7 @@ class DocxyChannel(HTTPChannel):
         if self._refused or self.transport is None:
             return
         self._refused = True
-        self._buffer = b""  # LineReceiver's: stop parsing what is left
+        self.clearLineBuffer()  # stop parsing what is left
         log.info("{client} refused: {status} {why}; disconnected",
                  client=_peer(self.transport), status=status, why=message)
         self.setTimeout(None)
@@ -155,10 +189,3 @@ class DocxyChannel(HTTPChannel):
 def _peer(transport) -> str:
     peer = transport.getPeer() if transport is not None else None
     return getattr(peer, "host", "-")
-
-
-def channel_factory(site) -> _GenericHTTPChannelProtocol:
-    """`Site.protocol`: Twisted's HTTP/1.1-or-HTTP/2 switch around a DocxyChannel."""
-    channel = DocxyChannel()
-    channel.request_timeout = getattr(site, "request_timeout", DocxyChannel.request_timeout)
-    return _GenericHTTPChannelProtocol(channel)

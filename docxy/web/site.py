@@ -2,6 +2,9 @@
 request log.  No globals: everything a request needs hangs off the Context built here."""
 from __future__ import annotations
 
+from typing import Callable
+
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -11,7 +14,7 @@ from docxy.ops.lifecycle import ActiveRequests
 from docxy.ops.logs import access_fields, access_format
 from docxy.ops.metrics import Metrics, metrics_resource
 from docxy.web.answers import json_error
-from docxy.web.channel import channel_factory
+from docxy.web.channel import DocxyChannel
 from docxy.web.resources._base import Context
 from docxy.web.resources.challenge import ChallengeResource
 from docxy.web.resources.health import HealthResource, ReadyResource
@@ -33,7 +36,7 @@ class Router(Resource):
         routes: dict[bytes, Resource],
         prefixes: dict[bytes, Resource],
         fallback: Resource | None = None,
-        admit=None,
+        admit: Callable[[DocxyRequest], bool] | None = None,
         open_paths: frozenset[bytes] = frozenset(),
     ) -> None:
         super().__init__()
@@ -51,7 +54,7 @@ class Router(Resource):
             found = next((r for p, r in self._prefixes.items() if path.startswith(p)), None)
         return found or self._fallback
 
-    def render(self, request):
+    def render(self, request: DocxyRequest) -> bytes | int:
         if self._admit is not None and request.path not in self._open_paths:
             if not self._admit(request):
                 return NOT_DONE_YET  # answered
@@ -68,14 +71,25 @@ class Router(Resource):
 
 
 class DocxyRequest(Request):
+    """A twisted.web request with what docxy learns about it on its way, for the request
+    log (docxy.ops.logs) and the admission policy.  Every such attribute is declared here
+    with its default, so no reader needs getattr."""
+
     # Registry answers carry their own Content-Type; never invent text/html.
     defaultContentType = None
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.docxy_what = ("-", "")
-        self.docxy_status = ""
-        self.docxy_source = "local"  # "cache" or "upstream" once a body comes from there
+    # (what, reference) for the log: ("docker.io/library/alpine", "latest"), ("/v2/", "").
+    docxy_what: tuple[str, str] = ("-", "")
+    # The registry error code the request was answered with (DENIED, ...); "" for none.
+    docxy_status: str = ""
+    # Where the body came from: "local" until it comes from the "cache" or "upstream".
+    docxy_source: str = "local"
+    # The client's address, behind trusted proxies; worked out once by ClientPolicy.client.
+    docxy_client: str | None = None
+    # The docxy user (--htpasswd) whose token or password came with it; None for none.
+    docxy_user: str | None = None
+    # reactor.seconds() when the site began to route it, for the log's duration.
+    started: float | None = None
 
     def connectionLost(self, reason) -> None:
         # twisted.web logs only finished requests; a pull cut short is logged here.
@@ -89,9 +103,9 @@ class DocxyRequest(Request):
 class DocxySite(Site):
     requestFactory = DocxyRequest
     displayTracebacks = False
-    protocol = channel_factory  # an absolute deadline for requests; JSON for bad ones
+    protocol = DocxyChannel  # an absolute deadline for requests; JSON for bad ones
 
-    def __init__(self, resource: Resource, reactor, metrics: Metrics | None = None,
+    def __init__(self, resource: Resource, reactor: IReactorTime, metrics: Metrics | None = None,
                  request_timeout: float = 30.0) -> None:
         super().__init__(resource, timeout=120, reactor=reactor)
         self.reactor = reactor
@@ -99,7 +113,12 @@ class DocxySite(Site):
         self.metrics = metrics if metrics is not None else Metrics()
         self.active = ActiveRequests()  # a graceful stop waits for these
 
-    def log(self, request) -> None:
+    def buildProtocol(self, addr: IAddress | None) -> DocxyChannel:
+        channel = super().buildProtocol(addr)
+        channel.request_timeout = self.request_timeout
+        return channel
+
+    def log(self, request: DocxyRequest) -> None:
         """One event per answered (or aborted) request, counted in the metrics; no header
         values, so no secret can leak (see docxy.ops.logs)."""
         fields = access_fields(request, self.reactor.seconds())
@@ -107,7 +126,7 @@ class DocxySite(Site):
         self.metrics.count_request(fields["endpoint"], fields["status"], fields["duration"],
                                    fields["bytes"], fields["source"])
 
-    def getResourceFor(self, request):
+    def getResourceFor(self, request: DocxyRequest) -> Resource:
         request.started = self.reactor.seconds()
         self.active.track(request)
         return super().getResourceFor(request)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Callable
 
 import attrs
-from twisted.internet import address
+from twisted.internet import address, defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 from docxy.config import Config
 from docxy.ops.metrics import Metrics
@@ -18,6 +20,7 @@ from docxy.registry.presets import PRESETS, Upstream
 from docxy.registry.selection import UpstreamTable
 from docxy.service import build_cache
 from docxy.upstream.auth import UpstreamAuth
+from docxy.upstream.interfaces import IUpstreamClient
 from docxy.upstream.proxy import RegistryProxy
 from docxy.web.resources._base import Context
 from docxy.web.site import DocxySite, api_resource
@@ -40,11 +43,15 @@ class BodyTransport:
         self.stopped = True
 
 
+@implementer(IResponse)
 class FakeResponse:
     """An upstream response; with `auto` the whole body is delivered at once, otherwise the
     test drives `protocol` by hand."""
 
+    version = (b"HTTP", 1, 1)
     phrase = b"OK"
+    request = None
+    previousResponse = None
 
     def __init__(self, code=200, headers=None, body=b"", length=None, auto=True):
         self.code = code
@@ -71,9 +78,14 @@ class FakeResponse:
     def end(self) -> None:
         self.protocol.connectionLost(Failure(ResponseDone()))
 
+    def setPreviousResponse(self, response) -> None:
+        self.previousResponse = response
 
+
+@implementer(IUpstreamClient)
 class FakeUpstream:
-    """Records every upstream request and answers with `responder(method, url, headers)`."""
+    """Records every upstream request and answers with `responder(method, url, headers,
+    body)`: a response, or an exception to raise."""
 
     def __init__(self, responder: Callable | None = None) -> None:
         self.calls: list[tuple[bytes, str, Headers, bytes | None]] = []
@@ -85,6 +97,9 @@ class FakeUpstream:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
     def urls(self) -> list[str]:
         return [u for _, u, _, _ in self.calls]
@@ -177,8 +192,8 @@ class Exchange:
 
     @property
     def http(self):
-        """The HTTPChannel itself (Site wraps it to negotiate HTTP/2)."""
-        return getattr(self.channel, "_channel", self.channel)
+        """The HTTPChannel (DocxySite builds DocxyChannel itself, unwrapped)."""
+        return self.channel
 
     def send(self, method: str, path: str, headers: dict | list = (), body: bytes = b"") -> None:
         lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1:5000"]

@@ -2,10 +2,13 @@
 HEAD is answered by its own method (twisted.web would otherwise run GET for a HEAD)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from docxy.admission.networks import NetworkPolicy
 from docxy.admission.policy import ClientPolicy
@@ -15,18 +18,25 @@ from docxy.ops.readiness import Readiness
 from docxy.registry.selection import Selection, UpstreamTable
 from docxy.upstream.proxy import RegistryProxy
 
+if TYPE_CHECKING:
+    # Annotations only: docxy.cache imports docxy.web.answers and the site imports the
+    # resources, so importing either here at run time would make an import cycle.
+    from docxy.cache.blobs import BlobCache
+    from docxy.cache.manifests import ManifestCache
+    from docxy.web.site import DocxyRequest
+
 
 @attrs.frozen
 class Context:
-    """The collaborators a request needs: one per daemon, built by docxy.tap."""
+    """The collaborators a request needs: one per daemon, built by docxy.service."""
 
     config: Config
     table: UpstreamTable
     proxies: dict[str, RegistryProxy]  # by upstream name
-    reactor: object
+    reactor: IReactorTime  # seconds() and callLater() are all a request needs of it
     server_names: tuple[str, ...]
-    blobs: object | None = None  # docxy.cache.blobs.BlobCache when the cache is on
-    manifests: object | None = None  # docxy.cache.manifests.ManifestCache, likewise
+    blobs: BlobCache | None = None  # None when the cache is off
+    manifests: ManifestCache | None = None  # likewise
     metrics: Metrics = attrs.field(factory=Metrics)
     # who may use the mirror; by default every network, no login, no rate limit
     policy: ClientPolicy = attrs.field(
@@ -40,7 +50,7 @@ class Context:
         )
     )
 
-    def select(self, request, path: bytes) -> tuple[Selection, RegistryProxy]:
+    def select(self, request: Request, path: bytes) -> tuple[Selection, RegistryProxy]:
         """The upstream `request` is for (raises docxy.registry.selection.NotMirrored).  A request
         that chose it by containerd's `ns=` gets the namespace echoed in `OCI-Namespace`."""
         ns = next((v for k, v in query_pairs(request) if k == "ns"), None)
@@ -51,13 +61,15 @@ class Context:
         return selection, self.proxies[selection.upstream.name]
 
 
-def query_pairs(request) -> list[tuple[str, str]]:
+def query_pairs(request: Request) -> list[tuple[str, str]]:
     """The query string in its order, repeated keys kept (request.args loses the order)."""
     _, _, query = request.uri.partition(b"?")
     return parse_qsl(query.decode("latin-1"), keep_blank_values=True)
 
 
 class LeafResource(Resource):
+    """A resource answering every path below it, built with the daemon's Context."""
+
     isLeaf = True
 
     def __init__(self, context: Context) -> None:
@@ -69,11 +81,13 @@ class PullResource(LeafResource):
     """A resource whose HEAD is answered by the same code as its GET: HEAD stays HEAD
     upstream, so it never costs a download."""
 
-    def render_GET(self, request):
+    def render_GET(self, request: DocxyRequest) -> bytes | int:
         return self.answer(request)
 
-    def render_HEAD(self, request):
+    def render_HEAD(self, request: DocxyRequest) -> bytes | int:
         return self.answer(request)
 
-    def answer(self, request):
+    def answer(self, request: DocxyRequest) -> bytes | int:
+        """The answer to a GET or a HEAD (`request.method` says which): a body, or
+        NOT_DONE_YET."""
         raise NotImplementedError

@@ -5,10 +5,13 @@ answers 200 without asking anyone.  With the cache on and the upstream (or its t
 service) unreachable it answers 200 too, so that cached content keeps being served."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.registry.names import InvalidRequest
+from docxy.stream.clients import request_gone
 from docxy.upstream.bodies import discard
 from docxy.upstream.errors import UpstreamError
 from docxy.web.answers import (
@@ -19,13 +22,15 @@ from docxy.web.answers import (
     send_error,
     token_realm,
 )
-from docxy.web.relay import request_gone
 from docxy.web.resources._base import PullResource
+
+if TYPE_CHECKING:
+    from docxy.web.site import DocxyRequest  # the site imports the resources
 
 log = Logger()
 
 
-def _answer_ok(request) -> None:
+def _answer_ok(request: DocxyRequest) -> None:
     if request_gone(request):
         return
     request.setHeader(b"content-type", b"application/json")
@@ -36,7 +41,7 @@ def _answer_ok(request) -> None:
 
 
 class ChallengeResource(PullResource):
-    def answer(self, request):
+    def answer(self, request: DocxyRequest) -> int:
         ctx = self.context
         request.docxy_what = ("/v2/", "")
         try:

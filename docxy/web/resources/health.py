@@ -4,14 +4,22 @@ registries mirrored and the cache's size, free disk and counters when the cache 
 from __future__ import annotations
 
 import shutil
+from typing import TYPE_CHECKING
 
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
+from docxy.ops.readiness import Readiness
 from docxy.web.answers import send_json
+from docxy.web.resources._base import Context
+
+if TYPE_CHECKING:
+    # Annotations only, as in _base: docxy.cache imports docxy.web.
+    from docxy.cache.blobs import BlobCache
+    from docxy.cache.manifests import ManifestCache
 
 
-def cache_report(blobs, manifests) -> dict:
+def cache_report(blobs: BlobCache, manifests: ManifestCache | None) -> dict:
     store = blobs.store
     stats = blobs.stats
     try:
@@ -40,13 +48,13 @@ def cache_report(blobs, manifests) -> dict:
     }
 
 
-def deep(request) -> bool:
+def deep(request: Request) -> bool:
     """`?deep=1` (or true, yes): the probe wants the readiness check."""
     value = (request.args or {}).get(b"deep", [b""])[-1].strip().lower()
     return value in (b"1", b"true", b"yes", b"on")
 
 
-def answer_ready(request, readiness, local: dict | None = None):
+def answer_ready(request: Request, readiness: Readiness, local: dict | None = None) -> int:
     """Answer once the readiness check is done: 200 with its report, or 503 with the same
     report; `local` (the liveness report) is answered with it under "ready"."""
 
@@ -62,13 +70,15 @@ def answer_ready(request, readiness, local: dict | None = None):
 
 
 class HealthResource(Resource):
+    """`GET /health`; built without a context (`redirect_resource` may be), the status only."""
+
     isLeaf = True
 
-    def __init__(self, context=None) -> None:
+    def __init__(self, context: Context | None = None) -> None:
         super().__init__()
         self._context = context
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> int:
         report: dict = {"status": "ok"}
         ctx = self._context
         if ctx is not None:
@@ -81,7 +91,7 @@ class HealthResource(Resource):
         send_json(request, 200, report)
         return NOT_DONE_YET
 
-    def render_HEAD(self, request):
+    def render_HEAD(self, request: Request) -> int:
         return self.render_GET(request)
 
 
@@ -90,12 +100,12 @@ class ReadyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, context) -> None:
+    def __init__(self, context: Context) -> None:
         super().__init__()
         self._context = context
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> int:
         return answer_ready(request, self._context.readiness)
 
-    def render_HEAD(self, request):
+    def render_HEAD(self, request: Request) -> int:
         return self.render_GET(request)

@@ -2,22 +2,29 @@
 URL built from configuration (never from a forged `Host`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.web.resource import Resource
 
 from docxy.registry.publicurl import https_redirect_base
 from docxy.web.answers import arrival
 
+if TYPE_CHECKING:
+    from docxy.web.site import DocxyRequest  # the site imports the resources
+
 
 class HTTPSRedirectResource(Resource):
+    """Every path and method, redirected to the same URI on the HTTPS side."""
+
     isLeaf = True
 
-    def __init__(self, public_url: str | None, names: tuple[str, ...], https_port: int):
+    def __init__(self, public_url: str | None, names: tuple[str, ...], https_port: int) -> None:
         super().__init__()
         self._public_url = public_url
         self._names = names
         self._https_port = https_port
 
-    def render(self, request) -> bytes:
+    def render(self, request: DocxyRequest) -> bytes:
         request.docxy_what = ("redirect", "")
         base = https_redirect_base(self._public_url, self._names, arrival(request), self._https_port)
         uri = request.uri if request.uri.startswith(b"/") else b"/"

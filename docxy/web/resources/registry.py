@@ -4,15 +4,20 @@ upstream, then answers from the cache or relays the upstream answer.  HEAD stays
 upstream (a HEAD costs no pull on Hub) and keeps the upstream Content-Length."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.web.server import NOT_DONE_YET
 
 from docxy.registry.names import InvalidRequest, parse_route, upstream_name
 from docxy.web.answers import answer_later, login_realm, relay, send_error, token_realm
 from docxy.web.resources._base import PullResource, query_pairs
 
+if TYPE_CHECKING:
+    from docxy.web.site import DocxyRequest  # the site imports the resources
+
 
 class RegistryResource(PullResource):
-    def answer(self, request):
+    def answer(self, request: DocxyRequest) -> int:
         ctx = self.context
         policy = ctx.policy
         try:

@@ -10,6 +10,7 @@ docxy's offline token: it opens nothing upstream, but lets the client in for wha
 may serve it (docxy.cache.manifests), instead of failing its whole pull at the token."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
@@ -23,6 +24,9 @@ from docxy.upstream.errors import UpstreamError
 from docxy.web.answers import answer_later, relay, send_error, send_json
 from docxy.web.resources._base import LeafResource, query_pairs
 
+if TYPE_CHECKING:
+    from docxy.web.site import DocxyRequest  # the site imports the resources
+
 log = Logger()
 
 PATH = b"/auth/token"
@@ -30,10 +34,10 @@ MAX_SCOPES = 100  # a pull asks for one or a few; more is refused before anythin
 
 
 class TokenResource(LeafResource):
-    def render_GET(self, request):
+    def render_GET(self, request: DocxyRequest) -> int:
         return self._forward(request, b"GET", None)
 
-    def render_POST(self, request):
+    def render_POST(self, request: DocxyRequest) -> int:
         max_body = self.context.config.max_token_body
         body = request.content.read(max_body + 1)
         if len(body) > max_body:
@@ -46,7 +50,9 @@ class TokenResource(LeafResource):
             return NOT_DONE_YET
         return self._forward(request, b"POST", form)
 
-    def _forward(self, request, method: bytes, form: list[tuple[str, str]] | None):
+    def _forward(
+        self, request: DocxyRequest, method: bytes, form: list[tuple[str, str]] | None
+    ) -> int:
         ctx = self.context
         if not ctx.policy.admit_rate(request):
             return NOT_DONE_YET
@@ -96,7 +102,7 @@ class TokenResource(LeafResource):
 
         return answer_later(request, work)
 
-    def _login(self, request, form: list[tuple[str, str]] | None):
+    def _login(self, request: DocxyRequest, form: list[tuple[str, str]] | None) -> int:
         """Client authentication is on: docxy is the token service.  Basic credentials
         (GET, docker login) or containerd's password grant (POST) get a docxy token."""
         request.docxy_what = ("/auth/token", "")

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from docxy.cache.fill import Fill
 from docxy.cache.store import BlobStore
 from docxy.registry.ranges import UNSATISFIABLE, parse_range
+from docxy.stream.download import State
 
 from ..fakes import (
     FakeResponse,
@@ -93,7 +94,7 @@ def test_fill_enters_store_only_when_digest_matches(tmp_path):
     fill, response = _fill(store, b"good bytes")
     response.protocol.dataReceived(b"good bytes")
     response.end()
-    assert fill.state == "complete" and store.has(fill.digest)
+    assert fill.state is State.COMPLETE and store.has(fill.digest)
     assert store.path(fill.digest).read_bytes() == b"good bytes"
 
 
@@ -103,7 +104,7 @@ def test_fill_with_wrong_bytes_caches_nothing(tmp_path):
     fill, response = _fill(store, b"evil bytes", digest=digest_of(b"good bytes"))
     response.protocol.dataReceived(b"evil bytes")
     response.end()
-    assert fill.state == "failed" and "digest mismatch" in fill.reason
+    assert fill.state is State.FAILED and "digest mismatch" in fill.reason
     assert not store.has(fill.digest)
     assert list((tmp_path / "partial").iterdir()) == []
 
@@ -113,7 +114,7 @@ def test_cut_fill_caches_nothing(tmp_path):
     fill, response = _fill(store, b"0123456789")
     response.protocol.dataReceived(b"01234")
     response.cut()
-    assert fill.state == "failed" and not store.has(fill.digest)
+    assert fill.state is State.FAILED and not store.has(fill.digest)
 
 
 @pytest.mark.parametrize(
@@ -494,8 +495,8 @@ async def test_threaded_fill_writes_in_order_holds_the_upstream_and_verifies(tmp
     assert response.transport.paused, "12 MiB waiting for the disk did not pause the upstream"
     response.end()
     for _ in range(500):
-        if fill.state != "filling":
+        if fill.state is not State.RUNNING:
             break
         await task.deferLater(reactor, 0.01, lambda: None)
-    assert fill.state == "complete"
+    assert fill.state is State.COMPLETE
     assert store.path(fill.digest).read_bytes() == data

@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from docxy.cache import blobs as blobs_module
-from docxy.cache import fill as fill_module
 from docxy.cache.store import BlobStore
 from docxy.registry.ranges import UNSATISFIABLE, parse_range
+from docxy.stream import sink as sink_module
 
 from ..fakes import (
     FakeResponse,
@@ -89,15 +89,15 @@ def test_room_counts_the_downloads_already_promised(tmp_path, monkeypatch):
 def test_disk_full_mid_download_aborts_its_clients_then_pulls_relay_uncached(tmp_path, monkeypatch):
     """ENOSPC while filling: the clients of that download are aborted, no partial file stays,
     the next pull is relayed uncached, and caching resumes after the back-off."""
-    real_write = fill_module._write_all
+    real_write = sink_module._write_all
     full = [True]
 
-    def write(fd, data):
+    def write(fd, chunks):
         if full[0]:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(fd, data)
+        real_write(fd, chunks)
 
-    monkeypatch.setattr(fill_module, "_write_all", write)
+    monkeypatch.setattr(sink_module, "_write_all", write)
     site, clock, responses = blob_site(tmp_path, auto=False)
     digest = digest_of(DATA)
     first = get(site, f"/v2/x/blobs/{digest}")

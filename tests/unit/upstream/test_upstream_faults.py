@@ -5,8 +5,11 @@ import hashlib
 import json
 
 import pytest
+from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
+from docxy.upstream.bodies import discard
 from docxy.upstream.client import UpstreamClient
 from docxy.upstream.errors import UpstreamError
 
@@ -19,27 +22,43 @@ BLOB = "/v2/library/x/blobs/sha256:" + "a" * 64
 
 # --- an expired signed URL ----------------------------------------------------------------
 
-class ScriptedClient(UpstreamClient):
-    """The real redirect following over scripted single requests: `script[url]` is the
-    list of answers to that URL, in turn."""
+class ScriptedUpstream(Resource):
+    """The registry and its CDN in memory, under the real client (its redirect following,
+    slots and agent) through treq's RequestTraversalAgent: `script[url]` is the list of
+    answers (code, headers, body) to that URL, in turn."""
+
+    isLeaf = True
 
     def __init__(self, script: dict[str, list]) -> None:
-        super().__init__(Clock(), None, connect_timeout=1, header_timeout=1,
-                         max_redirects=5, pool_size=1)
+        super().__init__()
         self.script = script
         self.calls: list[tuple[bytes, str, bool]] = []
 
-    async def _once(self, method, url, headers, body):
-        self.calls.append((method, url, headers.hasHeader(b"authorization")))
-        return self.script[url].pop(0)
+    def render(self, request) -> bytes:
+        scheme = "https" if request.isSecure() else "http"
+        url = f"{scheme}://{request.getHeader(b'host').decode()}{request.uri.decode()}"
+        self.calls.append((request.method, url, request.requestHeaders.hasHeader(b"authorization")))
+        code, headers, body = self.script[url].pop(0)
+        request.setResponseCode(code)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return body
 
 
-def redirect(n: int) -> FakeResponse:
-    return FakeResponse(307, {b"location": f"{CDN}/blob?sig={n}".encode()})
+def scripted(script: dict[str, list]) -> tuple[UpstreamClient, ScriptedUpstream]:
+    """The real client over a ScriptedUpstream, and that upstream."""
+    upstream = ScriptedUpstream(script)
+    client = UpstreamClient(Clock(), None, connect_timeout=1, header_timeout=1,
+                            max_redirects=5, pool_size=1, agent=RequestTraversalAgent(upstream))
+    return client, upstream
 
 
-def cdn(code: int, headers=None) -> FakeResponse:
-    return FakeResponse(code, headers, body=b"<Error>expired</Error>" if code != 200 else b"data")
+def redirect(n: int) -> tuple[int, dict, bytes]:
+    return 307, {b"location": f"{CDN}/blob?sig={n}".encode()}, b""
+
+
+def cdn(code: int, headers=None) -> tuple[int, dict, bytes]:
+    return code, headers or {}, b"<Error>expired</Error>" if code != 200 else b"data"
 
 
 def _run(coro):
@@ -61,39 +80,51 @@ def _get(client, method=b"GET"):
 
 def test_expired_cdn_url_makes_docxy_ask_the_registry_once_more():
     """CDN 403 to the first signed URL: the registry is asked again and its fresh URL followed."""
-    client = ScriptedClient({REGISTRY + BLOB: [redirect(1), redirect(2)],
-                             f"{CDN}/blob?sig=1": [cdn(403)], f"{CDN}/blob?sig=2": [cdn(200)]})
+    client, upstream = scripted({REGISTRY + BLOB: [redirect(1), redirect(2)],
+                                 f"{CDN}/blob?sig=1": [cdn(403)], f"{CDN}/blob?sig=2": [cdn(200)]})
     response = _get(client)
     assert response.code == 200
-    assert [url for _, url, _ in client.calls] == [
+    assert [url for _, url, _ in upstream.calls] == [
         REGISTRY + BLOB, f"{CDN}/blob?sig=1", REGISTRY + BLOB, f"{CDN}/blob?sig=2"]
-    assert [auth for _, _, auth in client.calls] == [True, False, True, False]
+    assert [auth for _, _, auth in upstream.calls] == [True, False, True, False]
+
+
+def test_every_hop_gives_its_connection_slot_back():
+    """Redirects and refused downloads free their slot as they are dropped; the answer
+    holds one until its body has been read."""
+    client, _ = scripted({REGISTRY + BLOB: [redirect(1), redirect(2)],
+                          f"{CDN}/blob?sig=1": [cdn(403)], f"{CDN}/blob?sig=2": [cdn(200)]})
+    response = _get(client)
+    assert client.slots.in_use(("https", "registry.test", 443)) == 0
+    assert client.slots.in_use(("https", "cdn.test", 443)) == 1
+    discard(response)
+    assert client.slots.in_use(("https", "cdn.test", 443)) == 0
 
 
 @pytest.mark.parametrize("code", [400, 401, 403, 410])
 def test_a_cdn_refusing_twice_is_a_clear_error_not_a_loop(code):
-    client = ScriptedClient({REGISTRY + BLOB: [redirect(1), redirect(2)],
-                             f"{CDN}/blob?sig=1": [cdn(code)], f"{CDN}/blob?sig=2": [cdn(code)]})
+    client, upstream = scripted({REGISTRY + BLOB: [redirect(1), redirect(2)],
+                                 f"{CDN}/blob?sig=1": [cdn(code)], f"{CDN}/blob?sig=2": [cdn(code)]})
     with pytest.raises(UpstreamError) as raised:
         _get(client)
     assert raised.value.status == 502 and raised.value.code == "UNAVAILABLE"
-    assert len(client.calls) == 4
+    assert len(upstream.calls) == 4
 
 
-@pytest.mark.parametrize("script, calls", [
+@pytest.mark.parametrize("script, code, calls", [
     # a challenge from another host is for the client to answer, not an expired URL
     ({REGISTRY + BLOB: [redirect(1)],
-      f"{CDN}/blob?sig=1": [cdn(401, {b"www-authenticate": b'Bearer realm="x"'})]}, 2),
+      f"{CDN}/blob?sig=1": [cdn(401, {b"www-authenticate": b'Bearer realm="x"'})]}, 401, 2),
     # the registry's own refusal is relayed
-    ({REGISTRY + BLOB: [cdn(403)]}, 1),
+    ({REGISTRY + BLOB: [cdn(403)]}, 403, 1),
     # a blob the CDN does not have is not an expired URL
-    ({REGISTRY + BLOB: [redirect(1)], f"{CDN}/blob?sig=1": [cdn(404)]}, 2),
+    ({REGISTRY + BLOB: [redirect(1)], f"{CDN}/blob?sig=1": [cdn(404)]}, 404, 2),
 ], ids=["challenge", "registry-403", "cdn-404"])
-def test_other_refusals_are_not_retried(script, calls):
-    client = ScriptedClient(script)
+def test_other_refusals_are_not_retried(script, code, calls):
+    client, upstream = scripted(script)
     response = _get(client)
-    assert response.code in (401, 403, 404)
-    assert len(client.calls) == calls
+    assert response.code == code
+    assert len(upstream.calls) == calls
 
 
 # --- the token service is down ------------------------------------------------------------

@@ -144,3 +144,58 @@ def test_a_tls_handshake_on_the_plain_port_is_closed_at_once():
     plain = Exchange(site)
     plain.send("GET", "/health")
     assert _answer(plain)[0] == 200
+
+
+def test_the_site_builds_a_docxy_channel_with_its_deadline():
+    """DocxySite's protocol is DocxyChannel itself, no HTTP/2 switch around it, and each
+    connection gets the site's request timeout and reactor."""
+    from docxy.web.channel import DocxyChannel
+
+    site, clock = _site(request_timeout=7)
+    channel = site.buildProtocol(None)
+    assert type(channel) is DocxyChannel
+    assert channel.request_timeout == 7 and channel.site is site
+    assert channel.callLater == clock.callLater
+
+
+def test_the_twisted_internals_the_channel_relies_on_still_exist():
+    """docxy.web.channel names the private parts of HTTPChannel it uses; a Twisted that
+    renamed them would quietly answer bare 400s or lose the deadline's pipelining rule."""
+    from twisted.web.http import HTTPChannel
+
+    assert callable(getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None))
+    assert HTTPChannel()._handlingRequest is False
+
+
+def test_a_pipelined_request_gets_its_deadline_once_the_one_before_is_answered():
+    """Bytes of the next request that arrive while one is being answered wait in
+    HTTPChannel's buffer: its deadline starts when they are parsed, not while they wait."""
+    from twisted.internet import defer
+
+    answer = defer.Deferred()
+
+    class Slow(FakeUpstream):
+        async def request(self, method, url, headers, body=None, follow_redirects=True):
+            return await answer
+
+    site, _, clock = make_site(hub_config(), Slow())
+    site.request_timeout = 5
+    ex = Exchange(site)
+    ex.channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    ex.channel.dataReceived(b"GET /health HTTP/1.1\r\n")
+    clock.advance(6)
+    assert ex.transport.value() == b"", "the waiting request was timed"
+    answer.callback(FakeResponse(200, body=b"{}"))
+    assert ex.transport.value().count(b"HTTP/1.1 200") == 1
+    clock.advance(5.5)
+    assert _answer(ex)[0] == 200 and b"HTTP/1.1 408" in ex.transport.value()
+
+
+def test_the_header_limit_is_per_request():
+    """Request headers are capped per request, not per connection: two requests of 9 KiB
+    headers each on one connection are both answered."""
+    site, _ = _site()
+    ex = Exchange(site)
+    for _ in range(2):
+        ex.send("GET", "/health", {"X-Pad": "a" * 9000})
+    assert ex.transport.value().count(b"HTTP/1.1 200") == 2

@@ -3,6 +3,8 @@ disconnects, cut bodies and stalls."""
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from docxy.stream.download import RELAY_WINDOW
+
 from ..fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
 
 DIGEST = "sha256:" + "cd" * 32
@@ -20,10 +22,18 @@ def _blob_site(**config_args):
 
 
 def test_full_client_pauses_upstream():
-    """When the client's socket is full the upstream body is paused, and resumed after."""
-    ex, response, _ = _blob_site()
-    response.protocol.dataReceived(b"a" * 100)
-    ex.http.pauseProducing()
+    """When the client's socket is full the relay buffers at most its window, then pauses
+    the upstream body; it resumes once the client has taken the bytes."""
+    size = 4 * RELAY_WINDOW
+    response = FakeResponse(200, {b"content-type": b"application/octet-stream"}, length=size,
+                            auto=False)
+    site, _, _ = make_site(hub_config(idle_timeout=30), FakeUpstream(lambda m, u, h, b: response))
+    ex = Exchange(site)
+    ex.send("GET", f"/v2/x/blobs/{DIGEST}")
+    ex.http.pauseProducing()  # what a full client socket does to the request's producer
+    response.protocol.dataReceived(b"a" * (RELAY_WINDOW // 2))
+    assert not response.transport.paused, "the window is not full yet"
+    response.protocol.dataReceived(b"a" * RELAY_WINDOW)
     assert response.transport.paused
     ex.http.resumeProducing()
     assert not response.transport.paused
@@ -82,9 +92,14 @@ def test_stalled_body_is_cut_after_idle_timeout():
 
 def test_paused_body_is_not_idle():
     """A body held back by a slow client is not the upstream's stall: no cut while paused."""
-    ex, response, clock = _blob_site()
-    response.protocol.dataReceived(b"a" * 10)
+    response = FakeResponse(200, {b"content-type": b"application/octet-stream"},
+                            length=4 * RELAY_WINDOW, auto=False)
+    site, _, clock = make_site(hub_config(idle_timeout=30), FakeUpstream(lambda m, u, h, b: response))
+    ex = Exchange(site)
+    ex.send("GET", f"/v2/x/blobs/{DIGEST}")
     ex.http.pauseProducing()
+    response.protocol.dataReceived(b"a" * (RELAY_WINDOW + 1))
+    assert response.transport.paused
     clock.advance(300)
     assert not response.transport.stopped
     ex.http.resumeProducing()
