@@ -15,7 +15,7 @@ from typing import IO, Callable
 
 from twisted.logger import Logger
 
-from docxy.cache.store import BlobStore
+from docxy.cache.interfaces import IBlobStore
 from docxy.stream.download import Download, State
 from docxy.stream.sink import FileSink
 
@@ -23,7 +23,7 @@ log = Logger()
 
 
 class Fill(Download):
-    def __init__(self, store: BlobStore, digest: str, length: int | None, reactor,
+    def __init__(self, store: IBlobStore, digest: str, length: int | None, reactor,
                  on_end: Callable[["Fill"], None] = lambda fill: None,
                  threaded: bool = False) -> None:
         algorithm, _, expected_hex = digest.partition(":")
@@ -43,7 +43,7 @@ class Fill(Download):
         self.committed = False  # entered into the store
         sink = FileSink(self._file.fileno(), hashlib.new(algorithm), self.stored,
                         self._write_failed, reactor, threaded=threaded)
-        super().__init__(length, sink=sink, expected_hex=expected_hex, on_end=on_end)
+        super().__init__(length, reactor=reactor, sink=sink, expected_hex=expected_hex, on_end=on_end)
 
     @property
     def written(self) -> int:

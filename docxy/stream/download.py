@@ -17,7 +17,8 @@ from __future__ import annotations
 import bisect
 import enum
 from collections import deque
-from typing import Callable, Protocol as TypingProtocol
+from typing import Callable
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -27,6 +28,7 @@ from docxy.upstream.bodies import cut_reason
 
 FILE_WINDOW = 4 * 1024 * 1024  # bytes kept in memory beside the file (cache downloads)
 RELAY_WINDOW = 1024 * 1024  # bytes a relay buffers for its slowest follower
+FLUSH_AT = 1024 * 1024  # bytes gathered before they are handed on within one reactor turn
 HIGH_WATER = 8 * 1024 * 1024  # bytes received but not yet on disk before the upstream waits
 LOW_WATER = 2 * 1024 * 1024
 
@@ -46,7 +48,7 @@ class Reader(TypingProtocol):
 
 
 class Download(Protocol):
-    def __init__(self, length: int | None, *, sink: FileSink | None = None,
+    def __init__(self, length: int | None, *, reactor=None, sink: FileSink | None = None,
                  expected_hex: str | None = None, window: int | None = None,
                  on_end: Callable[["Download"], None] = lambda download: None) -> None:
         """`length`: the bytes announced (None: until the body ends); `sink`: the file the
@@ -67,6 +69,10 @@ class Download(Protocol):
         self._held = False
         self._ended: Failure | None = None
         self._sink_broken = False
+        self._reactor = reactor
+        self._pending: list[bytes] = []  # arrived this reactor turn, not yet handed on
+        self._pending_bytes = 0
+        self._flush_call = None
 
     @property
     def has_file(self) -> bool:
@@ -114,10 +120,37 @@ class Download(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.reason or self._sink_broken:
             return
-        if self.length is not None and self.received + len(data) > self.length:
+        if self.length is not None and self.received + self._pending_bytes + len(data) > self.length:
             self.reason = "upstream sent more bytes than it announced"
             self.transport.stopProducing()
             return
+        if self._reactor is None:
+            self._take(data)
+            return
+        # TLS hands over one record (16 KiB) at a time, dozens per socket read.  They are
+        # gathered until the reactor's turn ends (or FLUSH_AT), so that the window, the
+        # file and every follower see one chunk per read, not one per record.
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= FLUSH_AT:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._pending:
+            return
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending, self._pending_bytes = [], 0
+        if not self.reason and not self._sink_broken:
+            self._take(data)
+
+    def _take(self, data: bytes) -> None:
         self._starts.append(self.received)
         self._chunks.append(data)
         self._kept += len(data)
@@ -131,6 +164,7 @@ class Download(Protocol):
         self._wake()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._flush()
         self._ended = reason
         if self._sink is not None:
             self._sink.close()

@@ -32,7 +32,7 @@ def send_body(request, response: IResponse, reactor, idle_timeout: float,
             log.warn("upstream body not whole ({why}); aborting the client",
                      why=download.reason)
 
-    download = Download(length, on_end=ended)
+    download = Download(length, reactor=reactor, on_end=ended)
     follower = Follower(request, 0, length, download)
     follower.start()
     deliver(response, download, reactor, idle_timeout, resumer)

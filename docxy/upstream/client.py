@@ -33,6 +33,7 @@ from zope.interface import implementer
 from docxy.ops.tls import ReusedContextPolicy, SystemTrustPlus
 from docxy.registry.headers import without_authorization
 from docxy.upstream.bodies import discard
+from docxy.upstream.endpoints import UpstreamEndpoints
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.interfaces import IUpstreamClient
 from docxy.upstream.slots import HostSlots, hold_until_body_ends
@@ -79,12 +80,9 @@ class UpstreamClient:
             self.pool = HTTPConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = pool_size
             self.pool.cachedConnectionTimeout = 90
-            agent = Agent(
-                reactor,
-                contextFactory=ReusedContextPolicy(trust_root),
-                connectTimeout=connect_timeout,
-                pool=self.pool,
-            )
+            endpoints = UpstreamEndpoints(reactor, ReusedContextPolicy(trust_root),
+                                          connect_timeout)
+            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self._agent = agent
 
     async def request(

@@ -20,10 +20,10 @@ from docxy.registry.headers import relayed_response_headers
 from docxy.registry.names import InvalidRequest
 from docxy.registry.publicurl import Arrival, external_base
 from docxy.registry.selection import Selection
-from docxy.upstream.bodies import Resumer, body_length, discard
-from docxy.upstream.errors import UpstreamError
 from docxy.stream.clients import request_gone
 from docxy.stream.uncached import send_body
+from docxy.upstream.bodies import Resumer, body_length, discard
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 

@@ -102,6 +102,7 @@ def test_disk_full_mid_download_aborts_its_clients_then_pulls_relay_uncached(tmp
     digest = digest_of(DATA)
     first = get(site, f"/v2/x/blobs/{digest}")
     responses[0].protocol.dataReceived(DATA[:1000])
+    clock.advance(0)  # the reactor's turn ends: what arrived in it is handed on
     assert responses[0].transport.stopped
     responses[0].cut()  # what stopping the upstream connection brings about
     assert first.transport.disconnected

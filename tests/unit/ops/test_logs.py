@@ -127,10 +127,11 @@ def test_a_request_cut_short_is_logged_as_aborted(access_events):
     """A client that leaves mid-body still gets its event, marked aborted, with the bytes
     it was sent (twisted.web logs only finished requests)."""
     response = FakeResponse(200, body=b"x" * 100, auto=False)
-    site, _, _ = make_site(upstream=FakeUpstream(lambda m, u, h, b: response))
+    site, _, clock = make_site(upstream=FakeUpstream(lambda m, u, h, b: response))
     ex = Exchange(site)
     ex.send("GET", f"/v2/alpine/blobs/{DIGEST}")
     response.protocol.dataReceived(b"x" * 40)
+    clock.advance(0)  # the reactor's turn ends: what arrived in it is sent
     assert access_events == []
     ex.channel.connectionLost(Failure(ConnectionDone()))
     [event] = access_events

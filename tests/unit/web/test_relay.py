@@ -41,8 +41,9 @@ def test_full_client_pauses_upstream():
 
 def test_body_streams_with_content_length():
     """The body arrives as it flows, under the upstream's Content-Length (no chunking)."""
-    ex, response, _ = _blob_site()
+    ex, response, clock = _blob_site()
     response.protocol.dataReceived(b"a" * 400)
+    clock.advance(0)  # the reactor's turn ends: what arrived in it is sent
     assert ex.transport.value().endswith(b"a" * 400)
     response.protocol.dataReceived(b"b" * 600)
     response.end()
