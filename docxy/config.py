@@ -31,6 +31,7 @@ class Config:
     resume_attempts: int = 5  # asks in a row, without a byte gained, to resume a cut blob
     cache_dir: str | None = None
     cache_max_size: int | None = None
+    accel_redirect: str | None = None  # nginx serves cache hits: X-Accel-Redirect prefix
     tag_ttl: float = 0.0
     # observability (docxy.ops.metrics, docxy.ops.logs)
     metrics_listen: str | None = None  # /metrics on its own endpoint, not on the API's

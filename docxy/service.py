@@ -143,7 +143,8 @@ def build_cache(config: Config, reactor, proxies: dict[str, RegistryProxy],
         store = BlobStore(config.cache_dir, config.cache_max_size)
     except OSError as e:
         raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
-    blobs = BlobCache(store, reactor, config.idle_timeout, threaded_fills)
+    blobs = BlobCache(store, reactor, config.idle_timeout, threaded_fills,
+                      accel_redirect=config.accel_redirect)
     manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout)
     for name, proxy in proxies.items():
         proxy.access.remember_in(store.root / "access" / cache_key(name))

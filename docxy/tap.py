@@ -156,6 +156,10 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
          "upstream (a HEAD, free on Hub); 0 asks every time. [DOCXY_TAG_TTL]", float],
         ["cache-max-size", None, None, "Bound the cache: bytes, or with a K/M/G/T suffix "
          "(powers of 1024); least recently used blobs go first. [DOCXY_CACHE_MAX_SIZE]"],
+        ["accel-redirect", None, None, "Behind nginx: answer a GET of a cached blob with "
+         "X-Accel-Redirect: PREFIX/<path under <cache-dir>/blobs/> and no body, so that nginx "
+         "sends the file itself (sendfile); PREFIX is an `internal` nginx location aliasing "
+         "that directory (see the README). [DOCXY_ACCEL_REDIRECT]"],
         ["cert-check-interval", None, 60.0, "Seconds between checks of --cert and --key "
          "for a renewed certificate, loaded without a restart (0: only on SIGHUP). "
          "[DOCXY_CERT_CHECK_INTERVAL]", float],
@@ -199,6 +203,7 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         "cache-dir": ("DOCXY_CACHE_DIR",),
         "cache-max-size": ("DOCXY_CACHE_MAX_SIZE",),
         "tag-ttl": ("DOCXY_TAG_TTL",),
+        "accel-redirect": ("DOCXY_ACCEL_REDIRECT",),
         "cert-check-interval": ("DOCXY_CERT_CHECK_INTERVAL",),
         "stop-timeout": ("DOCXY_STOP_TIMEOUT",),
         "metrics-listen": ("DOCXY_METRICS_LISTEN",),
@@ -337,6 +342,14 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             self["no-cache"] = _env_bool("DOCXY_NO_CACHE", env["DOCXY_NO_CACHE"])
         if self["no-cache"] and (self["cache-dir"] or self.cache_max_size):
             raise usage.UsageError("--no-cache contradicts --cache-dir and --cache-max-size")
+        accel = self["accel-redirect"]
+        if accel is not None:
+            if self["no-cache"]:
+                raise usage.UsageError("--accel-redirect needs the cache (not --no-cache)")
+            if not accel.startswith("/") or any(c in accel for c in "?# \t\r\n"):
+                raise usage.UsageError(
+                    f"--accel-redirect: {accel!r} is not a URL path (e.g. /_docxy_blobs)")
+            self["accel-redirect"] = accel.rstrip("/")
         if not self["no-cache"] and not self["cache-dir"]:
             self["cache-dir"] = default_cache_dir(env)
         if self["tag-ttl"] < 0:
@@ -393,6 +406,7 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             request_timeout=self["request-timeout"],
             cache_dir=None if self["no-cache"] else self["cache-dir"],
             cache_max_size=self.cache_max_size,
+            accel_redirect=self["accel-redirect"],
             tag_ttl=self["tag-ttl"],
             metrics_listen=self["metrics-listen"],
             log_format=self["log-format"],

@@ -15,7 +15,7 @@ import attrs
 from twisted.logger import Logger
 
 from docxy.cache.fill import Fill
-from docxy.cache.store import BlobStore
+from docxy.cache.interfaces import IBlobStore
 from docxy.flight import SingleFlight
 from docxy.registry.challenge import Realm
 from docxy.registry.names import Route
@@ -58,13 +58,14 @@ class _Started:
 
 
 class BlobCache:
-    def __init__(self, store: BlobStore, reactor, idle_timeout: float,
-                 threaded_fills: bool = True):
+    def __init__(self, store: IBlobStore, reactor, idle_timeout: float,
+                 threaded_fills: bool = True, accel_redirect: str | None = None):
         self.store = store
         self.stats = CacheStats()
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._threaded = threaded_fills  # hash and write in a thread (off in memory tests)
+        self._accel = accel_redirect  # nginx sends stored blobs: the X-Accel-Redirect prefix
         self._fills: dict[str, Fill] = {}
         self._full_until = 0.0  # a write found the disk full: relay uncached until then
         self._starting = SingleFlight()  # by digest: the upstream asked for it right now
@@ -145,6 +146,15 @@ class BlobCache:
         deliver(response, fill, self._reactor, self._idle_timeout, resumer)
         return _Started(request, fill, handle)
 
+    def _hand_to_nginx(self, request, local, size: int) -> None:
+        """Behind nginx (--accel-redirect): nginx sends the file, Range included, with
+        sendfile; docxy answers with the headers and where the file is."""
+        relative = local.relative_to(self.store.root / "blobs").as_posix()
+        request.setHeader(b"x-accel-redirect", f"{self._accel}/{relative}".encode("ascii"))
+        request.docxy_source = "cache"
+        self.stats.bytes_from_cache += size
+        request.finish()
+
     def _no_room(self, length: int) -> str | None:
         """Why a blob of `length` bytes cannot be cached now, or None if it can."""
         if self._reactor.seconds() < self._full_until:
@@ -209,6 +219,13 @@ class BlobCache:
         request.setHeader(b"docker-content-digest", digest.encode("ascii"))
         request.setHeader(b"etag", b'"' + digest.encode("ascii") + b'"')
         request.setHeader(b"accept-ranges", b"bytes")
+        if fill is None and self._accel is not None and request.method == b"GET":
+            local = self.store.local_path(digest)
+            if local is not None:
+                handle.close()
+                release()
+                self._hand_to_nginx(request, local, size)
+                return True
         wanted = parse_range((request.getHeader(b"range") or b"").decode("latin-1"), size)
         if wanted == UNSATISFIABLE:
             handle.close()

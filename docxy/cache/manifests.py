@@ -21,16 +21,16 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from docxy.cache.store import BlobStore
+from docxy.cache.interfaces import IBlobStore
 from docxy.files import atomic_write
 from docxy.flight import SingleFlight
 from docxy.registry.challenge import Realm
 from docxy.registry.names import Route, is_valid_digest, upstream_name
+from docxy.stream.clients import request_gone
 from docxy.upstream.bodies import BodyTooLarge, discard, read_small
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.proxy import RegistryProxy
 from docxy.web.answers import API_VERSION, refuse, relay
-from docxy.stream.clients import request_gone
 
 log = Logger()
 
@@ -125,7 +125,7 @@ def accepts(accept_lines: list[bytes], media_type: str) -> bool:
 class ManifestCache:
     def __init__(
         self,
-        store: BlobStore,
+        store: IBlobStore,
         reactor,
         tag_ttl: float = 0.0,
         idle_timeout: float = 60.0,
@@ -226,8 +226,9 @@ class ManifestCache:
         if not self.store.has(digest):
             return 0
         proxy.access.note_link(Route(name, "manifests", digest))
+        path = self.store.local_path(digest)
         try:
-            document = json.loads(self.store.path(digest).read_bytes())
+            document = json.loads(path.read_bytes()) if path is not None else None
         except (OSError, ValueError):
             return 1
         count = 1

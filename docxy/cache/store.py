@@ -15,6 +15,9 @@ from pathlib import Path
 
 import attrs
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from docxy.cache.interfaces import IBlobStore
 
 log = Logger()
 
@@ -32,6 +35,7 @@ def _digest_parts(digest: str) -> tuple[str, str]:
     return algorithm, hex_part
 
 
+@implementer(IBlobStore)
 class BlobStore:
     def __init__(self, root: Path | str, max_size: int | None = None) -> None:
         self.root = Path(root)
@@ -71,6 +75,9 @@ class BlobStore:
     def path(self, digest: str) -> Path:
         algorithm, hex_part = _digest_parts(digest)
         return self._blobs / algorithm / hex_part[:2] / hex_part
+
+    def local_path(self, digest: str) -> Path | None:
+        return self.path(digest) if digest in self._entries else None
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -96,6 +96,9 @@ def test_environment_fills_in_and_command_line_wins(certs):
         ([], {"DOCXY_MIRROR_MODE": "maybe"}, "DOCXY_MIRROR_MODE must be"),
         ([], {"DOCXY_IDLE_TIMEOUT": "soon"}, "DOCXY_IDLE_TIMEOUT must be a number"),
         (["extra"], {}, "unexpected arguments"),
+        (["--accel-redirect", "/_blobs", "--no-cache"], {}, "needs the cache"),
+        (["--accel-redirect", "_blobs"], {}, "is not a URL path"),
+        ([], {"DOCXY_ACCEL_REDIRECT": "/a b"}, "is not a URL path"),
     ],
 )
 def test_bad_options_are_usage_errors(argv, env, message):
@@ -246,3 +249,11 @@ def test_unusable_cache_dir_is_one_clear_line(capsys, tmp_path):
     blocker.write_text("not a directory")
     message = _start_error(capsys, ["--cache-dir", str(blocker / "cache")])
     assert "cannot use cache directory" in message
+
+
+def test_accel_redirect_reaches_the_config():
+    """--accel-redirect (or DOCXY_ACCEL_REDIRECT) becomes the config's prefix, without a
+    trailing slash."""
+    assert parse(["--accel-redirect", "/_docxy_blobs/"]).config().accel_redirect == "/_docxy_blobs"
+    assert parse([], {"DOCXY_ACCEL_REDIRECT": "/x"}).config().accel_redirect == "/x"
+    assert parse([]).config().accel_redirect is None

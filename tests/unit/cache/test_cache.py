@@ -13,6 +13,7 @@ from docxy.registry.ranges import UNSATISFIABLE, parse_range
 from docxy.stream.download import State
 
 from ..fakes import (
+    Exchange,
     FakeResponse,
     FakeUpstream,
     blob_upstream,
@@ -500,3 +501,28 @@ async def test_threaded_fill_writes_in_order_holds_the_upstream_and_verifies(tmp
         await task.deferLater(reactor, 0.01, lambda: None)
     assert fill.state is State.COMPLETE
     assert store.path(fill.digest).read_bytes() == data
+
+
+def test_accel_redirect_hands_a_stored_blob_to_nginx_and_streams_a_miss(tmp_path):
+    """With --accel-redirect a GET of a stored blob is answered with its headers and
+    X-Accel-Redirect naming the file under blobs/, and no body; the miss that stored it
+    was streamed by docxy itself, and a HEAD is answered by docxy."""
+    data = b"layer bytes " * 1000
+    digest = digest_of(data)
+    config = hub_config(cache_dir=str(tmp_path / "cache"), accel_redirect="/_docxy_blobs")
+    site, _, _ = make_site(config, FakeUpstream(lambda m, u, h, b: FakeResponse(200, body=data)),
+                           with_cache=True)
+    status, headers, body = get(site, f"/v2/x/blobs/{digest}").response()
+    assert status == 200 and body == data and b"x-accel-redirect" not in headers
+    status, headers, body = get(site, f"/v2/x/blobs/{digest}").response()
+    hex_part = digest.partition(":")[2]
+    assert status == 200 and body == b""
+    assert headers[b"x-accel-redirect"] == [f"/_docxy_blobs/sha256/{hex_part[:2]}/{hex_part}".encode()]
+    assert headers[b"docker-content-digest"] == [digest.encode()]
+    assert headers[b"content-type"] == [b"application/octet-stream"]
+    assert (tmp_path / "cache" / "blobs" / "sha256" / hex_part[:2] / hex_part).read_bytes() == data
+    ex = Exchange(site)
+    ex.send("HEAD", f"/v2/x/blobs/{digest}")
+    status, headers, _ = ex.response()
+    assert status == 200 and b"x-accel-redirect" not in headers
+    assert headers[b"content-length"] == [b"%d" % len(data)]
