@@ -17,15 +17,13 @@ from twisted.logger import Logger
 from docxy.cache.fill import Fill
 from docxy.cache.interfaces import IBlobStore
 from docxy.flight import SingleFlight
-from docxy.registry.challenge import Realm
-from docxy.registry.names import Route
 from docxy.registry.ranges import UNSATISFIABLE, parse_range
 from docxy.stream.clients import request_gone
 from docxy.stream.download import State
 from docxy.stream.follower import Follower
 from docxy.upstream.bodies import Resumer, deliver, discard
-from docxy.upstream.proxy import RegistryProxy
 from docxy.web.answers import refuse, relay, send_error
+from docxy.web.pull import Pull
 
 log = Logger()
 
@@ -77,10 +75,11 @@ class BlobCache:
         """Stored, or being downloaded right now."""
         return self.store.has(digest) or digest in self._fills
 
-    async def answer(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def answer(self, pull: Pull) -> None:
+        request, proxy, route, realm = pull
         digest = route.reference
         if not self.holds(digest):
-            await self._miss(request, proxy, route, realm)
+            await self._miss(pull)
             return
         denied = await proxy.access.check_access(route, request.requestHeaders)
         if denied is not None:
@@ -93,24 +92,25 @@ class BlobCache:
         elif self._serve(request, digest, None):
             self.stats.hits += 1
         else:  # evicted (or its file removed) while we asked the upstream: fetch it again
-            await self._miss(request, proxy, route, realm)
+            await self._miss(pull)
 
-    async def _miss(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def _miss(self, pull: Pull) -> None:
         """One upstream GET for a blob however many clients miss it at once.  The first
         client's request starts it, but the download is nobody's own: a client that
         leaves cancels only its own wait (docxy.flight)."""
+        request, _, route, _ = pull
         digest = route.reference
         started = await self._starting.run(
-            digest, lambda: self._start(request, proxy, route, realm))
+            digest, lambda: self._start(pull))
         if started.leader is not request:
             # Another client asked the upstream: join its download (after the upstream's
             # yes for this client), or, if it got none, ask ourselves.
-            await self.answer(request, proxy, route, realm)
+            await self.answer(pull)
         elif started.fill is not None:
             self._serve(request, digest, started.fill, started.handle)
 
-    async def _start(self, request, proxy: RegistryProxy, route: Route,
-                     realm: Realm | None) -> "_Started":
+    async def _start(self, pull: Pull) -> "_Started":
+        request, proxy, route, realm = pull
         digest = route.reference
         headers = request.requestHeaders.copy()
         # The cache needs the whole blob; a client's range is served from the file.
@@ -227,7 +227,7 @@ class BlobCache:
                 self._hand_to_nginx(request, local, size)
                 return True
         wanted = parse_range((request.getHeader(b"range") or b"").decode("latin-1"), size)
-        if wanted == UNSATISFIABLE:
+        if wanted is UNSATISFIABLE:
             handle.close()
             release()
             request.setResponseCode(416)

@@ -24,13 +24,13 @@ from twisted.web.http_headers import Headers
 from docxy.cache.interfaces import IBlobStore
 from docxy.files import atomic_write
 from docxy.flight import SingleFlight
-from docxy.registry.challenge import Realm
 from docxy.registry.names import Route, is_valid_digest, upstream_name
 from docxy.stream.clients import request_gone
 from docxy.upstream.bodies import BodyTooLarge, discard, read_small
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.proxy import RegistryProxy
 from docxy.web.answers import API_VERSION, refuse, relay
+from docxy.web.pull import Pull
 
 log = Logger()
 
@@ -247,13 +247,15 @@ class ManifestCache:
         return count
 
     # --- answers ------------------------------------------------------------------------
-    async def answer(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def answer(self, pull: Pull) -> None:
+        route = pull.route
         if route.is_digest:
-            await self._by_digest(request, proxy, route, realm)
+            await self._by_digest(pull)
         else:
-            await self._by_tag(request, proxy, route, realm)
+            await self._by_tag(pull)
 
-    async def _by_digest(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def _by_digest(self, pull: Pull) -> None:
+        request, proxy, route, realm = pull
         digest = route.reference
         body = self._read(digest) if self.store.has(digest) else None
         media_type = self.media_type(digest) if body is not None else None
@@ -269,9 +271,10 @@ class ManifestCache:
             response = await proxy.pull(route, b"HEAD", request.requestHeaders, [])
             relay(request, response, self._reactor, 0, realm)
             return
-        await self._fetch(request, proxy, route, realm)
+        await self._fetch(pull)
 
-    async def _by_tag(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def _by_tag(self, pull: Pull) -> None:
+        request, proxy, route, realm = pull
         name = upstream_name(route.name, proxy.library)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         entry = self.tag(proxy.name, name, route.reference)
@@ -316,7 +319,7 @@ class ManifestCache:
         if head.code != 200 or media_type is None:
             # A GET: fetch it (an error is then relayed with the upstream's own body).
             discard(head)
-            await self._fetch(request, proxy, route, realm)
+            await self._fetch(pull)
             return
         discard(head)
         self._note_served(proxy, route, request, digest)
@@ -324,26 +327,27 @@ class ManifestCache:
             self.hits += 1
             self._remember_tag(proxy.name, name, route.reference, digest, media_type)
             return
-        await self._fetch(request, proxy, route, realm)
+        await self._fetch(pull)
 
-    async def _fetch(self, request, proxy: RegistryProxy, route: Route, realm: Realm | None) -> None:
+    async def _fetch(self, pull: Pull) -> None:
         """GET the manifest upstream, verify it, store it, answer it: one GET for every
         client asking for the same reference at once, which no client leaving cancels."""
+        request, proxy, route, _ = pull
         key = (proxy.name, route.name, route.reference)
         fetched = await self._fetching.run(
-            key, lambda: self._get(request, proxy, route, realm))
+            key, lambda: self._get(pull))
         if fetched.leader is not request:
             # Another client's GET: now stored, it is answered like any cached manifest
             # (after the upstream's yes for this client); if it failed, we ask ourselves.
-            await self.answer(request, proxy, route, realm)
+            await self.answer(pull)
         elif fetched.body is not None:
             self._send(request, fetched.digest, fetched.media_type, fetched.body, fetched.headers)
 
-    async def _get(self, request, proxy: RegistryProxy, route: Route,
-                   realm: Realm | None) -> "_Fetched":
+    async def _get(self, pull: Pull) -> "_Fetched":
         """By digest, the body must have that digest; by tag, it must have the digest the
         GET announces (the HEAD's is only a hint: the tag may have moved in between).
         A body that is not whole is never stored (docxy.upstream.bodies.read_small)."""
+        request, proxy, route, realm = pull
         expected = route.reference if route.is_digest else None
         response = await proxy.pull(route, b"GET", request.requestHeaders, [])
         _refuse_while_tokens_are_down(proxy, response)

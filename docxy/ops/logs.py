@@ -52,7 +52,9 @@ def access_fields(request, now: float) -> dict:
     if endpoint in ("manifest", "blob", "tags"):
         registry, repository = _split_what(what)
     started = getattr(request, "started", None)
-    aborted = bool(getattr(request, "_disconnected", False))  # else log() runs in finish()
+    # twisted.web drops a request's channel when its connection is lost; else log() runs
+    # in finish(), with the channel still there.
+    aborted = request.channel is None
     status = request.code
     if aborted and not getattr(request, "startedWriting", True):
         status = CLIENT_GONE  # it left before the answer began: its status is no one's

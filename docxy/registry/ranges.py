@@ -1,11 +1,20 @@
 """Pure parsing of a `Range` header against a blob's size (RFC 9110, bytes, one range)."""
 from __future__ import annotations
 
+import enum
 import re
 
 _SPEC = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
-UNSATISFIABLE = "unsatisfiable"
+
+
+class Unsatisfiable(enum.Enum):
+    """A range that starts past the end of the body: 416."""
+
+    UNSATISFIABLE = "unsatisfiable"
+
+
+UNSATISFIABLE = Unsatisfiable.UNSATISFIABLE
 _HUGE = 10**18  # beyond any blob; also what any longer number counts as
 
 
@@ -14,7 +23,7 @@ def _number(digits: str) -> int:
     return int(digits) if len(digits) <= 18 else _HUGE
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Unsatisfiable | None:
     """(start, end_exclusive) for one satisfiable range; UNSATISFIABLE; or None when the
     whole body is to be sent (no header, several ranges, or a header we do not parse:
     ignoring Range is always allowed)."""

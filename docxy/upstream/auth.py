@@ -23,8 +23,8 @@ from docxy.flight import SingleFlight
 from docxy.registry.challenge import parse_challenge
 from docxy.registry.presets import Upstream
 from docxy.upstream.bodies import read_small
-from docxy.upstream.client import UpstreamClient
 from docxy.upstream.errors import UpstreamError
+from docxy.upstream.interfaces import IUpstreamClient
 
 log = Logger()
 
@@ -148,7 +148,7 @@ class UpstreamAuth:
     def __init__(
         self,
         upstream: Upstream,
-        client: UpstreamClient,
+        client: IUpstreamClient,
         reactor,
         credentials: tuple[str, str] | None = None,
     ) -> None:

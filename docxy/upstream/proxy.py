@@ -27,8 +27,8 @@ from docxy.registry.presets import Upstream
 from docxy.upstream.access import AccessGate
 from docxy.upstream.auth import AuthEndpoint, UpstreamAuth, is_offline_token
 from docxy.upstream.bodies import Resumer, discard
-from docxy.upstream.client import UpstreamClient
 from docxy.upstream.errors import UpstreamError
+from docxy.upstream.interfaces import IUpstreamClient
 
 # Query parameters a pull request may carry upstream (pagination of tag lists); `ns` and
 # anything else a client adds stays here.
@@ -76,7 +76,7 @@ def token_params(
 
 class RegistryProxy:
     def __init__(
-        self, upstream: Upstream, client: UpstreamClient, auth: UpstreamAuth, reactor,
+        self, upstream: Upstream, client: IUpstreamClient, auth: UpstreamAuth, reactor,
         resume_attempts: int = 0, on_resume: Callable[[], None] = lambda: None,
     ) -> None:
         self.upstream = upstream

@@ -10,6 +10,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from docxy.registry.names import InvalidRequest, parse_route, upstream_name
 from docxy.web.answers import answer_later, login_realm, relay, send_error, token_realm
+from docxy.web.pull import Pull
 from docxy.web.resources._base import PullResource, query_pairs
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class RegistryResource(PullResource):
         )
         if route.kind == "manifests" and ctx.manifests is not None:
             manifests = ctx.manifests
-            return answer_later(request, lambda: manifests.answer(request, proxy, route, realm))
+            return answer_later(request, lambda: manifests.answer(Pull(request, proxy, route, realm)))
         blobs = ctx.blobs
         if (
             blobs is not None
@@ -55,7 +56,7 @@ class RegistryResource(PullResource):
             and (request.method == b"GET" or blobs.holds(route.reference))
         ):
             # GETs go through the cache; a HEAD of a blob not held stays a HEAD upstream.
-            return answer_later(request, lambda: blobs.answer(request, proxy, route, realm))
+            return answer_later(request, lambda: blobs.answer(Pull(request, proxy, route, realm)))
 
         async def work() -> None:
             response = await proxy.pull(

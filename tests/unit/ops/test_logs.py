@@ -116,6 +116,7 @@ def test_user_is_logged_when_authentication_names_one():
         docxy_user = "alice"
         docxy_client = "10.0.0.7"
         started = 1.0
+        channel = object()  # still connected: logged as finished, not aborted
 
     fields = access_fields(Request(), 1.25)
     assert fields["user"] == "alice" and fields["client"] == "10.0.0.7"
