@@ -1,3 +1,4 @@
-"""The pull-through cache: a content-addressed blob store on disk (store.py), downloads that
-fill it while clients follow the bytes as they arrive (fill.py), and the producer that sends
-a stored or growing file to a client (follow.py)."""
+"""The pull-through cache: blob answers (blobs.py: hit, join a download, or start the one
+upstream download) and manifest answers with tags (manifests.py), over a store of verified
+blobs behind `IBlobStore` (interfaces.py; store.py keeps them on local disk).  A cache
+download is a `docxy.stream` Download with a file (fill.py)."""
