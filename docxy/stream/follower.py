@@ -20,7 +20,7 @@ from zope.interface import implementer
 from docxy.stream.clients import abort_client, request_gone
 from docxy.stream.download import Download, State
 
-CHUNK = 1024 * 1024  # one read from the file
+CHUNK = 256 * 1024  # one read from the file (a lagging client holds at most this much more)
 
 
 @implementer(IPushProducer)

@@ -23,9 +23,11 @@ _PHRASES = {431: b"Request Header Fields Too Large"}  # Twisted's RESPONSES lack
 TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 # Bytes a client connection buffers before it pauses its producer, and sends per write.
 # Twisted's 64 KiB and 128 KiB make a blob stream pause and resume the upstream (an epoll
-# change each way) and send every few dozen microseconds; at 1 MiB a stream costs about a
-# third less CPU per GB (measured on the Hub-like path), for at most 1 MiB per slow client.
-WRITE_BUFFER = 1024 * 1024
+# change each way) and send every few dozen microseconds; 256 KiB buffered and 1 MiB per
+# send cost about a third less CPU per GB (measured on the Hub-like path), while a slow
+# client still holds well under a megabyte of docxy's memory.
+WRITE_BUFFER = 256 * 1024
+SEND_LIMIT = 1024 * 1024
 
 
 class _TwistedInternals(HTTPChannel):
@@ -71,7 +73,7 @@ class DocxyChannel(_TwistedInternals):
         for transport in (self.transport, getattr(self.transport, "transport", None)):
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = WRITE_BUFFER
-                transport.SEND_LIMIT = WRITE_BUFFER
+                transport.SEND_LIMIT = SEND_LIMIT
 
     # --- the deadline -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
