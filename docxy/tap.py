@@ -17,6 +17,7 @@ from docxy.admission.networks import parse_networks
 from docxy.admission.ratelimit import parse_rate
 from docxy.config import Config
 from docxy.ops.logs import LOG_FORMATS
+from docxy.ops.memory import tune_allocator
 from docxy.ops.tls import TLSConfigError
 from docxy.registry.presets import (
     ConfigFileError,
@@ -427,6 +428,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
 
         reactor = default_reactor
         raise_open_files_limit()  # the real daemon only, not the tests' clocks
+        tune_allocator(options.environ)
     try:
         return build_service(options.config(), reactor)
     except (ConfigFileError, TLSConfigError, CredentialsError, CacheConfigError,
