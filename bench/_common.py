@@ -143,12 +143,35 @@ def start_registry(stack: contextlib.ExitStack, work: Path, name: str,
     return reg
 
 
+# docxy_tree_hash() at every docxy start: more than one means the checkout changed mid-run
+DOCXY_TREES_SEEN: set[str] = set()
+
+
+def run_docxy(stack: contextlib.ExitStack, home: Path, argv: Iterable[str],
+              tls: tuple[Path, Path] | None = None) -> Docxy:
+    """Start `twistd docxy <argv>` in `home` (harness.daemon.Docxy: plain HTTP on a free
+    port; with `tls` = (chain, key) also --tls on another). A start that fails on an import
+    (the checkout's modules being moved by a colleague) is retried twice, a minute apart."""
+    d = Docxy(home, list(argv), tls=tls)
+    stack.callback(d.stop)
+    DOCXY_TREES_SEEN.add(docxy_tree_hash())
+    for attempt in range(3):
+        try:
+            return d.start()
+        except RuntimeError as e:
+            text = str(e)
+            if attempt == 2 or not ("ImportError" in text or "ModuleNotFoundError" in text):
+                raise
+            print(f"docxy did not start (attempt {attempt + 1}), retrying in 60 s:\n"
+                  f"{text[-600:]}", file=sys.stderr)
+            time.sleep(60)
+    raise AssertionError("unreachable")
+
+
 def start_docxy(stack: contextlib.ExitStack, work: Path, upstream_url: str,
                 extra: Iterable[str] = ()) -> Docxy:
-    d = Docxy(work / "docxy", ["--upstream", upstream_url, "--no-library", *extra])
-    stack.callback(d.stop)
-    d.start()
-    return d
+    """docxy in front of a plain-HTTP registry (no library/ prefix)."""
+    return run_docxy(stack, work / "docxy", ["--upstream", upstream_url, "--no-library", *extra])
 
 
 NGINX_DEFAULTS_NOTE = (
@@ -276,9 +299,7 @@ def machine_info() -> dict:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    commit = _cmd_version(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "docxy",
-                            "twisted"], capture_output=True, text=True).stdout.strip()
+    commit = checkout_commit()
     try:
         import twisted
         twisted_version = twisted.__version__
@@ -298,8 +319,8 @@ def machine_info() -> dict:
         "os": _os_release(),
         "python": platform.python_version(),
         "twisted": twisted_version,
-        "docxy": f"{docxy_version} (checkout {commit}{', docxy/ modified' if dirty else ''}; "
-                 f"installed copy {_installed_vs_checkout()})",
+        "docxy": f"{docxy_version} ({docxy_source()}; checkout at {commit}, docxy/ tree "
+                 f"{docxy_tree_hash()})",
         "nginx": _cmd_version(["nginx", "-v"]),
         "docker_registry": _cmd_version(["docker-registry", "--version"]),
         "curl": _cmd_version(["curl", "--version"]),
@@ -307,18 +328,91 @@ def machine_info() -> dict:
     }
 
 
+# With --snapshot: the copy of the checkout's docxy/ (and its twistd plugin) that every docxy
+# of this run imports; None when docxy runs from the checkout itself or the installed copy.
+SNAPSHOT_DIR: Path | None = None
+
+
+def use_docxy_from(installed: bool, snapshot: Path | None = None) -> None:
+    """Which docxy the benchmark runs: the checkout (default: DOCXY_TEST_CHECKOUT=1, so
+    harness.daemon puts the checkout on twistd's PYTHONPATH), with `snapshot` a copy of the
+    checkout's docxy/ and twisted/plugins/docxy_plugin.py made into that directory now (put on
+    PYTHONPATH, so every docxy of the run imports the same code while the checkout is being
+    edited), or with `installed` the copy `pip install` put in site-packages. Every process
+    started afterwards inherits it."""
+    global SNAPSHOT_DIR
+    os.environ.pop("DOCXY_TEST_CHECKOUT", None)
+    if installed:
+        return
+    if snapshot is None:
+        os.environ["DOCXY_TEST_CHECKOUT"] = "1"
+        return
+    shutil.copytree(REPO_DIR / "docxy", snapshot / "docxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (snapshot / "twisted" / "plugins").mkdir(parents=True)
+    shutil.copy2(REPO_DIR / "twisted" / "plugins" / "docxy_plugin.py",
+                 snapshot / "twisted" / "plugins" / "docxy_plugin.py")
+    os.environ["PYTHONPATH"] = str(snapshot)
+    SNAPSHOT_DIR = snapshot
+
+
+def docxy_source() -> str:
+    if os.environ.get("DOCXY_TEST_CHECKOUT"):
+        return "run from the checkout"
+    if SNAPSHOT_DIR is not None:
+        return "run from a snapshot of the checkout's docxy/ taken when the benchmark started"
+    return f"run from the installed copy, which {_installed_vs_checkout()}"
+
+
+def checkout_commit() -> str:
+    """The checkout's HEAD commit, read from .git's files (no git command is run)."""
+    git = REPO_DIR / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head[:7]
+        ref = head[5:]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()[:7]
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0][:7]
+    except (OSError, IndexError):
+        pass
+    return "?"
+
+
+def docxy_tree_hash() -> str:
+    """A short hash of every .py file under the docxy/ that docxy imports (the checkout's or
+    the snapshot's; path and content): tells two runs of different code apart while the
+    tree is being edited."""
+    root = SNAPSHOT_DIR or REPO_DIR
+    h = hashlib.sha256()
+    for f in sorted((root / "docxy").rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _installed_vs_checkout() -> str:
-    """Whether the docxy package that `twistd` will import equals the checkout's docxy/."""
+    """Whether the docxy package that `twistd` imports without the checkout on its path
+    equals the checkout's docxy/."""
     out = subprocess.run(
         [sys.executable, "-c", "import docxy, os; print(os.path.dirname(docxy.__file__))"],
-        capture_output=True, text=True, cwd="/", timeout=30)
+        capture_output=True, text=True, cwd="/", timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     installed = Path(out.stdout.strip() or "/nonexistent")
     checkout = REPO_DIR / "docxy"
+    if not installed.exists():
+        return "is missing"
     if installed.resolve() == checkout.resolve():
         return "is the checkout"
     a = {p.relative_to(installed): p.read_bytes() for p in installed.rglob("*.py")}
     b = {p.relative_to(checkout): p.read_bytes() for p in checkout.rglob("*.py")}
-    return "= working tree" if a == b else "differs from the working tree"
+    return "equals the checkout's docxy/" if a == b else "differs from the checkout's docxy/"
 
 
 def _os_release() -> str:
@@ -363,15 +457,6 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), sep, *[line(r) for r in rows]]) + "\n"
 
 
-__all__ = [
-    "BENCH_DIR", "RESULTS_DIR", "MB", "MiB", "REPOSITORY", "BlobFile", "Docxy", "NginxProcess",
-    "NGINX_DEFAULTS_NOTE", "Registry", "RssSampler", "blob_path", "cpu_seconds",
-    "install_signal_handlers", "machine_info", "machine_markdown", "make_random_blob", "median",
-    "nginx_worker_pids", "push_blob", "rss_bytes", "start_docxy", "start_nginx",
-    "start_registry", "table", "workdir", "write_results",
-]
-
-
 def established_to(pid: int, remote_port: int) -> int:
     """How many ESTABLISHED TCP connections process `pid` holds to 127.0.0.1:`remote_port`
     (read from /proc: the process's socket inodes matched against /proc/net/tcp)."""
@@ -401,10 +486,20 @@ def established_to(pid: int, remote_port: int) -> int:
     return count
 
 
-def curl_pull(url: str, timeout: float) -> dict:
-    """One GET with curl, body to /dev/null; returns status, bytes, seconds."""
+def curl_pull(url: str, timeout: float, headers: dict[str, str] | None = None,
+              cacert: Path | None = None, follow: bool = False) -> dict:
+    """One GET with curl (`--http1.1`, body to /dev/null); returns status, bytes, seconds
+    (curl's time_total) and ttfb. `follow`: curl follows redirects itself (`-L`; curl sends
+    a header given with -H, such as Authorization, only to the first host)."""
     argv = ["curl", "-sS", "--http1.1", "-o", "/dev/null", "--max-time", str(timeout),
-            "-w", "%{http_code} %{size_download} %{time_total} %{time_starttransfer}", url]
+            "-w", "%{http_code} %{size_download} %{time_total} %{time_starttransfer}"]
+    for k, v in (headers or {}).items():
+        argv += ["-H", f"{k}: {v}"]
+    if cacert is not None:
+        argv += ["--cacert", str(cacert)]
+    if follow:
+        argv.append("-L")
+    argv.append(url)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
     fields = out.stdout.split()
     if len(fields) != 4:
@@ -414,16 +509,87 @@ def curl_pull(url: str, timeout: float) -> dict:
             "curl_rc": out.returncode, "stderr": out.stderr.strip()}
 
 
+def round_order(paths: list[str], i: int) -> list[str]:
+    """Round i's order: rotated by i, reversed every other round, so that no path always
+    runs first (or right after the same neighbour) on a noisy machine."""
+    k = i % len(paths)
+    order = paths[k:] + paths[:k]
+    return order[::-1] if i % 2 else order
+
+
+def spread(values: list[float], digits: int = 1) -> dict:
+    """median, min, max and every value, rounded (None when there are none)."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "all": []}
+    return {"median": round(median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "all": [round(v, digits) for v in values]}
+
+
+def fmt_spread(s: dict, unit: str = "") -> str:
+    """'1234.5 (1100.0–1300.0)' for a spread() dict; '–' when empty."""
+    if s.get("median") is None:
+        return "–"
+    return f"{s['median']}{unit} ({s['min']}–{s['max']})"
+
+
+def extra_flags(results: dict) -> str:
+    """The options of the run that its table's command line does not spell out otherwise:
+    --snapshot or --installed, and --results-name when not the default."""
+    out = ""
+    if results.get("docxy_flags"):
+        out += f" {results['docxy_flags']}"
+    name = results.get("results_name")
+    if name and name != results.get("benchmark"):
+        out += f" --results-name {name}"
+    return out
+
+
+def add_common_options(p, name: str) -> None:
+    """The options every benchmark has: where the results go, the scratch directory, and
+    which docxy runs."""
+    p.add_argument("--installed", action="store_true",
+                   help="run the installed docxy (pip install) instead of the checkout's; by "
+                        "default DOCXY_TEST_CHECKOUT=1 is set, so twistd imports the checkout")
+    p.add_argument("--snapshot", action="store_true",
+                   help="copy the checkout's docxy/ when the benchmark starts and run every "
+                        "docxy from that copy: one code state for the whole run while the "
+                        "checkout is being edited (the copy is removed at the end)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help=f"where {name}.json/.md go (default bench/results)")
+    p.add_argument("--results-name", default=name,
+                   help=f"base name of the results files (default {name})")
+    p.add_argument("--no-results", action="store_true",
+                   help="print only, write no results files")
+    p.add_argument("--keep-workdir", action="store_true",
+                   help="keep the scratch directory (logs, configs, storage) afterwards")
+
+
 def run_benchmark(args, run: Callable, render: Callable, passed: Callable) -> int:
     """The common main: run, print the table, write the results; exit 0 when the targets
     are met, 1 when not, 130 when interrupted (everything started is stopped either way)."""
     install_signal_handlers()
+    snapshot = None
     try:
+        if getattr(args, "snapshot", False) and not getattr(args, "installed", False):
+            snapshot = Path(tempfile.mkdtemp(prefix="docxy-bench-snapshot-"))
+        use_docxy_from(getattr(args, "installed", False), snapshot)
         results = run(args)
     except KeyboardInterrupt:
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130
+    finally:
+        if snapshot is not None:
+            shutil.rmtree(snapshot, ignore_errors=True)
+    if isinstance(results, dict):
+        results["results_name"] = args.results_name
+        results["docxy_flags"] = ("--installed" if getattr(args, "installed", False) else
+                                  "--snapshot" if snapshot is not None else "")
+        if len(DOCXY_TREES_SEEN) > 1:
+            results["docxy_trees_seen"] = sorted(DOCXY_TREES_SEEN)
     md = render(results)
+    if len(DOCXY_TREES_SEEN) > 1:
+        md += (f"\n**Warning:** the checkout's docxy/ changed during the run (trees "
+               f"{', '.join(sorted(DOCXY_TREES_SEEN))}): not all docxy pulls ran the same code.\n")
     print(md)
     if not args.no_results:
         j, m = write_results(args.results_name, results, md, args.results_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# Profile the checkout's docxy (harness.daemon puts it on PYTHONPATH), as the other scripts do.
+os.environ.setdefault("DOCXY_TEST_CHECKOUT", "1")
 
 from harness.daemon import Docxy, mirror_args  # noqa: E402
 from harness.upstream import Upstream  # noqa: E402
@@ -75,6 +78,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=12, help="frames shown per list")
     parser.add_argument("--layer-cache", default=None,
                         help="where the large layer is built and kept between runs")
+    parser.add_argument("--native", action="store_true",
+                        help="sample C frames too (libc, OpenSSL): where the kernel and crypto time is")
     parser.add_argument("--keep-workdir", action="store_true")
     args = parser.parse_args()
     if shutil.which("py-spy") is None:
@@ -91,7 +96,8 @@ def main() -> int:
                 raw = work / f"{mode}.txt"
                 spy = subprocess.Popen(
                     ["py-spy", "record", "-p", str(docxy.process.pid), "-o", str(raw),
-                     "-f", "raw", "-r", str(args.rate), "--idle", "--threads"],
+                     "-f", "raw", "-r", str(args.rate), "--idle", "--threads",
+                     *(["--native"] if args.native else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # py-spy attaches
                 outcome = _pull(docxy, blob.digest)

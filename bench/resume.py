@@ -36,7 +36,6 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import _common as c
-
 from harness.daemon import Docxy, mirror_args  # noqa: E402  (tests/ is on sys.path via _common)
 from harness.upstream import Upstream  # noqa: E402
 

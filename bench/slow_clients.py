@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""docxy's memory while many slow clients pull the same large blob at once.
+"""docxy's memory while many slow clients pull the same large blob at once, on the path
+users have.
 
 N clients (--clients, default 20) each read at most R MB/s (--rate-mb, default 5; MB =
 10^6 bytes) from docxy, all starting together, for at most --seconds (default 30): then
@@ -10,11 +11,17 @@ must pause its upstream connections; without it docxy would buffer the differenc
 the upstream's speed and the clients' in memory.
 
 docxy's VmRSS (/proc/PID/status) is sampled every 0.2 s: idle (after start and one small
-request), peak under load, and after the clients went away. Target: peak < 150 MB. Also
+request), peak under load, and after the clients went away. Target: peak < 100 MB. Also
 checked: after the clients hung up, docxy holds no upstream connection whose transfer was cut
 short (idle keep-alive connections of completed upstream transfers may stay pooled).
-With --nginx (default unbuffered) the same load runs through an nginx proxy_pass worker for
-comparison. Results go to bench/results/slow_clients.{json,md}.
+With --nginx (default unbuffered) the same load runs through an nginx worker for comparison.
+
+--upstream hub (default): the suite's Hub-like upstream (TLS front, token auth, 307 to a TLS
+CDN), the blob being the large layer of library/large; docxy (cache on, as installed) mirrors
+it with --upstream-ca and --library, its clients send a token from docxy's /auth/token; nginx
+follows the redirect itself with an upstream token (as in throughput.py). Upstream transfers
+are the CDN's. --upstream plain: a plain-HTTP registry without auth, nginx proxy_pass to it.
+Results go to bench/results/<--results-name>.{json,md}.
 """
 from __future__ import annotations
 
@@ -29,20 +36,28 @@ import urllib.request
 from pathlib import Path
 
 import _common as c
+import _hub as hub
 
-TARGET_PEAK_MB = 150
+TARGET_PEAK_MB = 100
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--upstream", choices=("hub", "plain"), default="hub",
+                   help="hub: TLS registry, token auth, 307 to a TLS CDN (default); plain: a "
+                        "plain-HTTP registry without auth or redirect")
     p.add_argument("--clients", type=int, default=20, help="concurrent clients (default 20)")
     p.add_argument("--rate-mb", type=float, default=5.0,
                    help="per-client read limit in MB/s, 10^6 bytes (default 5)")
     p.add_argument("--seconds", type=float, default=30.0,
                    help="clients hang up after this many seconds (default 30)")
     p.add_argument("--size-mb", type=int, default=512,
-                   help="blob size in MiB (default 512)")
+                   help="blob size in MiB (default 512; hub: random bytes in the large "
+                        "layer, a gzip'd tar a little larger)")
+    p.add_argument("--layer-cache", type=Path, default=None,
+                   help="hub: build the large layer here and keep it for the next run "
+                        "(default: in the scratch directory, removed afterwards)")
     p.add_argument("--interval", type=float, default=0.2,
                    help="RSS sampling interval in seconds (default 0.2)")
     p.add_argument("--nginx", choices=("unbuffered", "buffered", "none"), default="unbuffered",
@@ -50,13 +65,7 @@ def parse_args(argv=None):
                         "(proxy_buffering off, a streaming proxy like docxy), 'buffered' "
                         "(nginx defaults: spools to temp files on disk, several GB with the "
                         "defaults here) or 'none' (default unbuffered)")
-    p.add_argument("--results-dir", type=Path, default=c.RESULTS_DIR,
-                   help="where slow_clients.json/.md go (default bench/results)")
-    p.add_argument("--results-name", default="slow_clients",
-                   help="base name of the results files (default slow_clients)")
-    p.add_argument("--no-results", action="store_true", help="print only, write no files")
-    p.add_argument("--keep-workdir", action="store_true",
-                   help="keep the scratch directory (logs, configs, storage) afterwards")
+    c.add_common_options(p, "slow_clients")
     args = p.parse_args(argv)
     if args.clients < 1 or args.clients > 500:
         p.error("--clients must be 1..500")
@@ -72,9 +81,11 @@ class SlowClient(threading.Thread):
     CHUNK = 64 * 1024
 
     def __init__(self, index: int, port: int, path: str, rate: float, deadline: float,
-                 start_barrier: threading.Barrier, stop: threading.Event) -> None:
+                 start_barrier: threading.Barrier, stop: threading.Event,
+                 headers: dict[str, str]) -> None:
         super().__init__(name=f"client-{index}", daemon=True)
         self.port, self.path, self.rate, self.deadline = port, path, rate, deadline
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.start_barrier, self.stop_event = start_barrier, stop
         self.status: int | None = None
         self.content_length: int | None = None
@@ -90,7 +101,7 @@ class SlowClient(threading.Thread):
             t0 = time.monotonic()
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
             sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                         f"User-Agent: docxy-bench-slow-client\r\nConnection: close\r\n\r\n"
+                         f"User-Agent: docxy-bench-slow-client\r\n{self.headers}Connection: close\r\n\r\n"
                          .encode())
             head = b""
             while b"\r\n\r\n" not in head:
@@ -140,7 +151,8 @@ class SlowClient(threading.Thread):
                     sock.close()
 
 
-def run_load(port: int, path: str, args, pids_fn, label: str) -> dict:
+def run_load(port: int, path: str, args, pids_fn, label: str,
+             headers: dict[str, str] | None = None) -> dict:
     """Start the clients, sample RSS of pids_fn() until they are done; return the figures."""
     n = args.clients
     rate = args.rate_mb * c.MB
@@ -149,7 +161,8 @@ def run_load(port: int, path: str, args, pids_fn, label: str) -> dict:
     clients: list[SlowClient] = []
     # The clients wait at the barrier; their common deadline is set just before it opens.
     for i in range(n):
-        clients.append(SlowClient(i, port, path, rate, float("inf"), barrier, stop))
+        clients.append(SlowClient(i, port, path, rate, float("inf"), barrier, stop,
+                                  headers or {}))
     for cl in clients:
         cl.start()
     cpu0 = {p: c.cpu_seconds(p) for p in pids_fn()}
@@ -191,25 +204,106 @@ def run_load(port: int, path: str, args, pids_fn, label: str) -> dict:
     }
 
 
-def upstream_transfers(upstream, offset: int, path: str, size: int) -> tuple[int, int]:
-    """(complete, cut) blob GETs in the upstream registry's access log after `offset`. A
-    small blob can reach docxy whole before the client hangs up (kernel socket buffers on
-    loopback hold megabytes): such an upstream connection goes back to the keep-alive pool."""
-    with open(upstream.log_path, "rb") as f:
-        f.seek(offset)
-        text = f.read().decode("utf-8", "replace")
-    done = cut = 0
-    for line in text.splitlines():
-        marker = f'"GET {path} HTTP/1.1" '
-        if marker not in line:
-            continue
-        fields = line.split(marker, 1)[1].split()
-        if len(fields) >= 2 and fields[1].isdigit():
-            if int(fields[1]) == size:
-                done += 1
-            else:
-                cut += 1
-    return done, cut
+class HubSource:
+    """The Hub-like upstream; docxy's upstream transfers are the CDN's GETs of the blob."""
+
+    name = "hub"
+
+    def __init__(self, stack: contextlib.ExitStack, work: Path, args) -> None:
+        self.blob = hub.start_hub(stack, work, args.size_mb * c.MiB, args.layer_cache)
+        self.up = self.blob.up
+        self.size, self.path = self.blob.size, self.blob.path
+
+    def start_docxy(self, stack, work: Path) -> c.Docxy:
+        return hub.start_docxy(stack, work / "docxy", self.up)
+
+    def headers(self, d: c.Docxy) -> dict[str, str]:
+        return hub.bearer(hub.docxy_token(d, self.up))
+
+    def start_nginx(self, stack, work: Path, buffered: bool, name: str) -> c.NginxProcess:
+        return hub.start_nginx_follow(stack, work, self.up, buffering=buffered, name=name)
+
+    @property
+    def transfer_port(self) -> int:
+        """The port docxy's blob transfers come from (the CDN's)."""
+        return self.up.cdn.port
+
+    def transfer_mark(self) -> int:
+        return len(self.up.cdn_log_lines())
+
+    def transfers(self, mark: int) -> tuple[int, int]:
+        """(complete, cut) CDN GETs of the blob after `mark`."""
+        done = cut = 0
+        for e in self.up.cdn_log_entries()[mark:]:
+            if e["method"] == "GET" and e["uri"].split("?")[0] == self.blob.cdn_path:
+                if int(e["body_bytes_sent"]) == self.size and e.get("completion") == "OK":
+                    done += 1
+                else:
+                    cut += 1
+        return done, cut
+
+    def describe(self) -> str:
+        return ("**path: hub** — the suite's Hub-like upstream (distribution behind an nginx TLS "
+                "front, token auth, blob GETs answered 307 to an nginx TLS CDN); the blob is "
+                f"the large layer of `{hub.REPOSITORY}`; docxy mirrors it (cache on), its "
+                "clients send a token from docxy's /auth/token; nginx follows the redirect "
+                "with an upstream token of its own")
+
+
+class PlainSource:
+    """A plain-HTTP registry without auth or redirect (the old path)."""
+
+    name = "plain"
+
+    def __init__(self, stack: contextlib.ExitStack, work: Path, args) -> None:
+        self.size = args.size_mb * c.MiB
+        blob = c.make_random_blob(work / "blob.bin", self.size)
+        self.registry = c.start_registry(stack, work, "upstream")
+        c.push_blob(self.registry.url, c.REPOSITORY, blob)
+        blob.path.unlink()
+        self.path = c.blob_path(c.REPOSITORY, blob.digest)
+        print(f"blob {blob.digest} ({self.size} bytes) in {self.registry.url}", file=sys.stderr)
+
+    def start_docxy(self, stack, work: Path) -> c.Docxy:
+        return c.start_docxy(stack, work, self.registry.url)
+
+    def headers(self, d: c.Docxy) -> dict[str, str]:
+        return {}
+
+    def start_nginx(self, stack, work: Path, buffered: bool, name: str) -> c.NginxProcess:
+        return c.start_nginx(stack, work, self.registry.port, buffering=buffered, name=name)
+
+    @property
+    def transfer_port(self) -> int:
+        return self.registry.port
+
+    def transfer_mark(self) -> int:
+        return self.registry.log_path.stat().st_size
+
+    def transfers(self, offset: int) -> tuple[int, int]:
+        """(complete, cut) blob GETs in the upstream registry's access log after `offset`. A
+        small blob can reach docxy whole before the client hangs up (kernel socket buffers on
+        loopback hold megabytes): such an upstream connection goes back to the keep-alive
+        pool."""
+        with open(self.registry.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+        done = cut = 0
+        marker = f'"GET {self.path} HTTP/1.1" '
+        for line in text.splitlines():
+            if marker not in line:
+                continue
+            fields = line.split(marker, 1)[1].split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                if int(fields[1]) == self.size:
+                    done += 1
+                else:
+                    cut += 1
+        return done, cut
+
+    def describe(self) -> str:
+        return ("**path: plain** — a distribution registry on plain HTTP, no auth, no redirect; "
+                "the blob is random bytes; nginx = proxy_pass to it")
 
 
 def settle_rss(pids_fn, seconds: float = 3.0) -> int:
@@ -219,27 +313,25 @@ def settle_rss(pids_fn, seconds: float = 3.0) -> int:
 
 def run(args) -> dict:
     info = c.machine_info()
-    size = args.size_mb * c.MiB
-    results: dict = {"benchmark": "slow_clients", "machine": info, "blob_bytes": size,
+    results: dict = {"benchmark": "slow_clients", "machine": info, "upstream": args.upstream,
+                     "size_mib": args.size_mb,
                      "clients": args.clients, "rate_mb_per_s": args.rate_mb,
                      "seconds": args.seconds, "interval": args.interval,
                      "target_peak_mb": TARGET_PEAK_MB, "runs": {}}
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(c.workdir(args.keep_workdir, "docxy-bench-slow-"))
         print(f"work directory {work}", file=sys.stderr)
-        blob = c.make_random_blob(work / "blob.bin", size)
-        upstream = c.start_registry(stack, work, "upstream")
-        c.push_blob(upstream.url, c.REPOSITORY, blob)
-        blob.path.unlink()
-        path = c.blob_path(c.REPOSITORY, blob.digest)
-        print(f"blob {blob.digest} ({size} bytes) in {upstream.url}", file=sys.stderr)
+        src = (HubSource if args.upstream == "hub" else PlainSource)(stack, work, args)
+        size, path = src.size, src.path
+        results["blob_bytes"], results["path_description"] = size, src.describe()
 
         # --- docxy ---------------------------------------------------------------------
-        d = c.start_docxy(stack, work, upstream.url)
+        d = src.start_docxy(stack, work)
         pid = d.process.pid
         docxy_pids = lambda: [pid]  # noqa: E731
         rss_start = c.rss_bytes(pid)
-        req = urllib.request.Request(d.url + path, method="HEAD")
+        headers = src.headers(d)
+        req = urllib.request.Request(d.url + path, method="HEAD", headers=headers)
         with urllib.request.urlopen(req, timeout=30) as r:
             if r.status != 200 or int(r.headers["Content-Length"]) != size:
                 raise RuntimeError(f"HEAD through docxy: {r.status} {dict(r.headers)}")
@@ -247,11 +339,11 @@ def run(args) -> dict:
         print(f"docxy pid {pid}: RSS {rss_start / c.MB:.1f} MB at start, "
               f"{idle / c.MB:.1f} MB idle; {args.clients} clients x {args.rate_mb} MB/s for "
               f"{args.seconds:g}s ...", file=sys.stderr)
-        log_offset = upstream.log_path.stat().st_size
-        load = run_load(d.port, path, args, docxy_pids, "docxy")
+        mark = src.transfer_mark()
+        load = run_load(d.port, path, args, docxy_pids, "docxy", headers)
         after = settle_rss(docxy_pids, 3.0)
-        upstream_conns = c.established_to(pid, upstream.port)
-        upstream_done, upstream_cut = upstream_transfers(upstream, log_offset, path, size)
+        upstream_conns = c.established_to(pid, src.transfer_port)
+        upstream_done, upstream_cut = src.transfers(mark)
         with urllib.request.urlopen(d.url + "/health", timeout=10) as r:
             healthy = r.status == 200
         load.update({"rss_at_start": rss_start, "idle_rss": idle, "rss_after": after,
@@ -266,8 +358,7 @@ def run(args) -> dict:
         # --- nginx (comparison) --------------------------------------------------------
         if args.nginx != "none":
             buffered = args.nginx == "buffered"
-            n = c.start_nginx(stack, work, upstream.port, buffering=buffered,
-                              name=f"nginx-{args.nginx}")
+            n = src.start_nginx(stack, work, buffered, f"nginx-{args.nginx}")
             workers = lambda: c.nginx_worker_pids(n)  # noqa: E731
             idle_n = settle_rss(workers, 0.5)
             disk0 = shutil.disk_usage(work).used
@@ -287,10 +378,10 @@ def run(args) -> dict:
             finally:
                 stop_disk.set()
                 watcher.join(2)
+            note = (hub.NGINX_FOLLOW_NOTE if args.upstream == "hub" else c.NGINX_DEFAULTS_NOTE)
+            note += ("; nginx's default buffering" if buffered else "; proxy_buffering off")
             load_n.update({"idle_rss": idle_n, "rss_after": settle_rss(workers, 1.0),
-                           "disk_used_peak_delta": disk_peak[0],
-                           "note": c.NGINX_DEFAULTS_NOTE if buffered
-                           else "nginx proxy_pass with proxy_buffering off"})
+                           "disk_used_peak_delta": disk_peak[0], "note": note})
             results["runs"][f"nginx-{args.nginx}"] = load_n
             report_line(load_n, args)
     return results
@@ -334,11 +425,19 @@ def render(results: dict) -> str:
         if "disk_used_peak_delta" in r:
             extra += (f"- {name}: {r['note']}; peak extra disk use in the work directory's "
                       f"file system during the load: {r['disk_used_peak_delta'] / c.MB:.0f} MB\n")
-    size_mib = results["blob_bytes"] // c.MiB
-    return (f"# Slow clients: docxy memory under load\n\n"
+    size_mib = results["size_mib"]
+    command = (f"python bench/slow_clients.py --upstream {results['upstream']} --clients "
+               f"{results['clients']} --rate-mb {results['rate_mb_per_s']:g} --seconds "
+               f"{results['seconds']:g} --size-mb {size_mib} --nginx "
+               f"{next((k[6:] for k in results['runs'] if k.startswith('nginx-')), 'none')}"
+               + c.extra_flags(results))
+    return (f"# Slow clients: docxy memory under load ({results['upstream']} path)\n\n"
+            f"Command: `{command}`\n\n"
+            f"- {results['path_description']}\n"
             f"{c.machine_markdown(results['machine'])}"
             f"- load: {results['clients']} clients, each reading at most "
-            f"{results['rate_mb_per_s']:g} MB/s, all at once, the same {size_mib} MiB blob, "
+            f"{results['rate_mb_per_s']:g} MB/s, all at once, the same blob "
+            f"({results['blob_bytes']} bytes), "
             f"hanging up after {results['seconds']:g} s (ideal aggregate "
             f"{results['clients'] * results['rate_mb_per_s']:g} MB/s); MB = 10^6 bytes\n"
             f"- RSS = VmRSS sampled every {results['interval']} s (nginx: its worker)\n"
