@@ -5,7 +5,9 @@
            against nginx serving the very same file (`root` = the directory of docxy's
            cache file for that digest, `sendfile on`), in plain HTTP and in TLS: docxy
            with --tls/--cert/--key, nginx terminating TLS with the same certificate and key
-           (from the harness pki). The blob is pulled once cold through docxy first (the
+           (from the harness pki); and a third path, nginx in front of a docxy started with
+           --accel-redirect (the README's configuration: nginx sends the cached file, plain
+           and TLS). The blob is pulled once cold through docxy first (the
            client hashes it). Then per transport one unmeasured pull from each, and
            --repeat curl pulls each (curl --http1.1 -o /dev/null, order alternated every
            round). Reported: MB/s median and min-max, the ratio docxy/nginx (of the medians
@@ -53,6 +55,7 @@ from urllib.parse import urlsplit
 import _common as c
 import _hub as hub
 
+from harness.nginx import accel_front_locations  # noqa: E402
 from harness.procs import free_port  # noqa: E402  (tests/ is on sys.path via _common)
 
 ALL_PARTS = ("warm", "cold", "docker")
@@ -360,20 +363,7 @@ def start_accel_front(stack: contextlib.ExitStack, work: Path, docxy_port: int,
     everything proxied to docxy, and the internal location that serves docxy's cache files
     (sendfile on the plain port). Plain and TLS ports; returns nginx and the TLS port."""
     port, tls_port = free_port(), free_port()
-    common = f"""
-        proxy_buffering off;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        location / {{
-            proxy_pass http://127.0.0.1:{docxy_port};
-            proxy_set_header Host $http_host;
-        }}
-        location {ACCEL_PREFIX}/ {{
-            internal;
-            alias {cache_dir}/blobs/;
-            default_type application/octet-stream;
-            add_header Docker-Content-Digest $upstream_http_docker_content_digest always;
-        }}"""
+    common = accel_front_locations(docxy_port, cache_dir, ACCEL_PREFIX)
     body = f"""
     server {{
         listen 127.0.0.1:{port};{common}

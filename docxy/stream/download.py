@@ -74,10 +74,6 @@ class Download(Protocol):
         self._pending_bytes = 0
         self._flush_call = None
 
-    @property
-    def has_file(self) -> bool:
-        return self._sink is not None
-
     # --- followers -----------------------------------------------------------------------
     def follow(self, reader: Reader) -> None:
         self._followers.append(reader)

@@ -105,3 +105,24 @@ http {{
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def accel_front_locations(docxy_port: int, cache_dir, prefix: str) -> str:
+    """The `server {}` body of an nginx in front of a docxy started with
+    `--accel-redirect prefix`, as the README configures it: everything is proxied to docxy,
+    and the internal location sends docxy's cache files (re-adding Docker-Content-Digest,
+    which nginx drops on an internal redirect)."""
+    return f"""
+        proxy_buffering off;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        location / {{
+            proxy_pass http://127.0.0.1:{docxy_port};
+            proxy_set_header Host $http_host;
+        }}
+        location {prefix}/ {{
+            internal;
+            alias {cache_dir}/blobs/;
+            default_type application/octet-stream;
+            add_header Docker-Content-Digest $upstream_http_docker_content_digest always;
+        }}"""

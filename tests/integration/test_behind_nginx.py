@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from harness.clients import Skopeo
 from harness.daemon import Docxy, cached_blob, mirror_args
-from harness.nginx import NginxProcess
+from harness.nginx import NginxProcess, accel_front_locations
 from harness.procs import free_port, poll_until
 
 pytestmark = pytest.mark.integration
@@ -21,20 +21,7 @@ def _front(workdir, docxy_port: int, cache) -> NginxProcess:
     port = free_port()
     body = f"""
     server {{
-        listen 127.0.0.1:{port};
-        proxy_buffering off;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        location / {{
-            proxy_pass http://127.0.0.1:{docxy_port};
-            proxy_set_header Host $http_host;
-        }}
-        location {PREFIX}/ {{
-            internal;
-            alias {cache}/blobs/;
-            default_type application/octet-stream;
-            add_header Docker-Content-Digest $upstream_http_docker_content_digest always;
-        }}
+        listen 127.0.0.1:{port};{accel_front_locations(docxy_port, cache, PREFIX)}
     }}
 """
     return NginxProcess("front", workdir, port, body)
