@@ -445,26 +445,20 @@ def measure_pair(args, targets: dict, label: str, size: int) -> dict:
             "mb_per_s": c.spread([p["mb_per_s"] for p in good]),
             "cpu_s_per_gb": c.spread([p["cpu_s"] / (size / 1e9) for p in good], 3),
         }
-    per_round = []
-    for i in range(args.repeat):
-        x = [p["mb_per_s"] for p in pulls if p["round"] == i and p["path"] == "docxy" and p["ok"]]
-        y = [p["mb_per_s"] for p in pulls if p["round"] == i and p["path"] == "nginx" and p["ok"]]
-        if x and y:
-            per_round.append(x[0] / y[0])
-    dx, ng = summary["docxy"]["mb_per_s"]["median"], summary["nginx"]["mb_per_s"]["median"]
-    out = {"pulls": pulls, "summary": summary,
-           "ratio_of_medians": round(dx / ng, 3) if dx and ng else None,
-           "ratio_per_round": c.spread(per_round, 3)}
-    if "accel" in summary:
-        ax = summary["accel"]["mb_per_s"]["median"]
-        out["accel_ratio_of_medians"] = round(ax / ng, 3) if ax and ng else None
+    def ratios(name: str) -> tuple[float | None, dict]:
+        """`name`'s MB/s over nginx's: of the medians, and per round."""
         rounds = []
         for i in range(args.repeat):
-            x = [p["mb_per_s"] for p in pulls if p["round"] == i and p["path"] == "accel" and p["ok"]]
+            x = [p["mb_per_s"] for p in pulls if p["round"] == i and p["path"] == name and p["ok"]]
             y = [p["mb_per_s"] for p in pulls if p["round"] == i and p["path"] == "nginx" and p["ok"]]
             if x and y:
                 rounds.append(x[0] / y[0])
-        out["accel_ratio_per_round"] = c.spread(rounds, 3)
+        mine, ng = summary[name]["mb_per_s"]["median"], summary["nginx"]["mb_per_s"]["median"]
+        return (round(mine / ng, 3) if mine and ng else None), c.spread(rounds, 3)
+
+    out = {"pulls": pulls, "summary": summary}
+    out["ratio_of_medians"], out["ratio_per_round"] = ratios("docxy")
+    out["accel_ratio_of_medians"], out["accel_ratio_per_round"] = ratios("accel")
     return out
 
 
@@ -713,20 +707,15 @@ def render_warm(results: dict) -> str:
                          c.fmt_spread(s["cpu_s_per_gb"]), f"{s['failed']}/{s['pulls']}"])
     t = c.table(["transport", "server", "MB/s median", "min–max", "every pull (MB/s)",
                  "server CPU s/GB median (min–max)", "failed"], rows)
-    r_rows = [[f"docxy/nginx, {transport}",
-               str(w["transports"][transport]["ratio_of_medians"]),
-               c.fmt_spread(w["transports"][transport]["ratio_per_round"]),
-               f"≥ {w['target_ratio']}",
-               verdict((w["transports"][transport]["ratio_of_medians"] or 0) >= w["target_ratio"])]
-              for transport in TRANSPORTS]
-    r_rows += [[f"(docxy behind nginx, --accel-redirect)/nginx, {transport}",
-                str(w["transports"][transport].get("accel_ratio_of_medians")),
-                c.fmt_spread(w["transports"][transport]["accel_ratio_per_round"])
-                if "accel_ratio_per_round" in w["transports"][transport] else "–",
-                f"≥ {w['target_ratio']}",
-                verdict((w["transports"][transport].get("accel_ratio_of_medians") or 0)
-                        >= w["target_ratio"])]
-               for transport in TRANSPORTS]
+    r_rows = []
+    for label, key in (("docxy/nginx", ""),
+                       ("(docxy behind nginx, --accel-redirect)/nginx", "accel_")):
+        for transport in TRANSPORTS:
+            tr = w["transports"][transport]
+            ratio = tr[f"{key}ratio_of_medians"]
+            r_rows.append([f"{label}, {transport}", str(ratio),
+                           c.fmt_spread(tr[f"{key}ratio_per_round"]), f"≥ {w['target_ratio']}",
+                           verdict((ratio or 0) >= w["target_ratio"])])
     r = c.table(["ratio", "of the medians", "per round: median (min–max)", "target", ""], r_rows)
     u = w["upstream_during_warm_pulls"]
     listing = "\n".join(f"  - `{x}`" for x in u["requests_list"]) or "  - none"

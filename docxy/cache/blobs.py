@@ -164,7 +164,7 @@ class BlobCache:
         free = self.store.free_bytes()
         if free is None:
             return None  # cannot tell: try, and fail cleanly if the disk says no
-        pending = sum(max((f.length or 0) - f.written, 0) for f in self._fills.values())
+        pending = sum(max((f.length or 0) - f.durable, 0) for f in self._fills.values())
         if free - pending < length + DISK_RESERVE:
             return f"not enough free disk space ({free} bytes free, {pending} promised)"
         return None
@@ -183,7 +183,7 @@ class BlobCache:
 
     def _fill_ended(self, fill: Fill) -> None:
         self._fills.pop(fill.digest, None)
-        self.stats.bytes_from_upstream += fill.written
+        self.stats.bytes_from_upstream += fill.durable
         self._note_write_error(fill.write_error)
         if fill.state is not State.COMPLETE:
             self.stats.failed_fills += 1

@@ -45,10 +45,6 @@ class Fill(Download):
                         self._write_failed, reactor, threaded=threaded)
         super().__init__(length, reactor=reactor, sink=sink, expected_hex=expected_hex, on_end=on_end)
 
-    @property
-    def written(self) -> int:
-        return self.durable
-
     def open_for_reading(self) -> IO[bytes]:
         return os.fdopen(os.dup(self._reader.fileno()), "rb")
 

@@ -31,6 +31,7 @@ RELAY_WINDOW = 1024 * 1024  # bytes a relay buffers for its slowest follower
 FLUSH_AT = 1024 * 1024  # bytes gathered before they are handed on within one reactor turn
 HIGH_WATER = 8 * 1024 * 1024  # bytes received but not yet on disk before the upstream waits
 LOW_WATER = 2 * 1024 * 1024
+CLIENTS_GONE = "every client went away"  # the reason of a relay nobody reads any more
 
 
 class State(enum.Enum):
@@ -48,7 +49,7 @@ class Reader(TypingProtocol):
 
 
 class Download(Protocol):
-    def __init__(self, length: int | None, *, reactor=None, sink: FileSink | None = None,
+    def __init__(self, length: int | None, *, reactor, sink: FileSink | None = None,
                  expected_hex: str | None = None, window: int | None = None,
                  on_end: Callable[["Download"], None] = lambda download: None) -> None:
         """`length`: the bytes announced (None: until the body ends); `sink`: the file the
@@ -61,9 +62,8 @@ class Download(Protocol):
         self._sink = sink
         self._expected_hex = expected_hex
         self._window = window or (FILE_WINDOW if sink is not None else RELAY_WINDOW)
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes] = deque()  # contiguous, ending at `received`
         self._starts: deque[int] = deque()  # offset of each chunk in _chunks
-        self._kept = 0  # bytes in _chunks
         self._followers: list[Reader] = []
         self._on_end = on_end
         self._held = False
@@ -73,6 +73,11 @@ class Download(Protocol):
         self._pending: list[bytes] = []  # arrived this reactor turn, not yet handed on
         self._pending_bytes = 0
         self._flush_call = None
+
+    @property
+    def _kept(self) -> int:
+        """Bytes in the window."""
+        return self.received - self._starts[0] if self._starts else 0
 
     # --- followers -----------------------------------------------------------------------
     def follow(self, reader: Reader) -> None:
@@ -84,7 +89,7 @@ class Download(Protocol):
         if self._sink is None and self.state is State.RUNNING:
             if not self._followers:
                 # A relay nobody reads: stop the upstream transfer.
-                self.reason = "every client went away"
+                self.reason = CLIENTS_GONE
                 if self.transport is not None:
                     self.transport.stopProducing()
             else:
@@ -120,9 +125,6 @@ class Download(Protocol):
             self.reason = "upstream sent more bytes than it announced"
             self.transport.stopProducing()
             return
-        if self._reactor is None:
-            self._take(data)
-            return
         # TLS hands over one record (16 KiB) at a time, dozens per socket read.  They are
         # gathered until the reactor's turn ends (or FLUSH_AT), so that the window, the
         # file and every follower see one chunk per read, not one per record.
@@ -149,7 +151,6 @@ class Download(Protocol):
     def _take(self, data: bytes) -> None:
         self._starts.append(self.received)
         self._chunks.append(data)
-        self._kept += len(data)
         self.received += len(data)
         if self._sink is not None:
             self._sink.put(data)
@@ -189,14 +190,14 @@ class Download(Protocol):
             # Keep what the slowest follower has not taken yet.
             keep_from = min((r.position for r in self._followers), default=self.received)
             while chunks and starts[0] + len(chunks[0]) <= keep_from:
-                self._kept -= len(chunks.popleft())
+                chunks.popleft()
                 starts.popleft()
         else:
             # Keep the newest bytes; drop only what the file already holds, so that a
             # follower behind the window can always read it there.
             while (chunks and self._kept - len(chunks[0]) >= self._window
                    and starts[0] + len(chunks[0]) <= self.durable):
-                self._kept -= len(chunks.popleft())
+                chunks.popleft()
                 starts.popleft()
 
     def _hold_or_release(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
-from docxy.stream.download import Download, State
+from docxy.stream.download import CLIENTS_GONE, Download, State
 from docxy.stream.follower import Follower
 from docxy.upstream.bodies import Resumer, deliver
 
@@ -24,7 +24,7 @@ def send_body(request, response: IResponse, reactor, idle_timeout: float,
     def ended(download: Download) -> None:
         if download.state is State.COMPLETE:
             return
-        if download.reason == "every client went away":
+        if download.reason == CLIENTS_GONE:
             log.info("client went away after {sent} bytes of {expected}; upstream transfer "
                      "stopped", sent=follower.sent,
                      expected=length if length is not None else "?")

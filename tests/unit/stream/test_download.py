@@ -8,6 +8,7 @@ import os
 
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -84,18 +85,22 @@ def _setup(tmp_path, data: bytes, with_file: bool = True, digest_of: bytes | Non
         sink = FileSink(out.fileno(), hashlib.sha256(), lambda n: download.stored(n),
                         lambda e: download.sink_failed(e), reactor=None, threaded=False)
     expected = hashlib.sha256(digest_of if digest_of is not None else data).hexdigest()
-    download = Download(len(data), sink=sink, expected_hex=expected if with_file else None,
-                        window=WINDOW)
+    clock = Clock()
+    download = Download(len(data), reactor=clock, sink=sink,
+                        expected_hex=expected if with_file else None, window=WINDOW)
     download.partial = out if with_file else None  # keeps the file open
+    download.clock = clock
     upstream = UpstreamBody()
     download.makeConnection(upstream)
     return download, upstream, Site(Body(download, path))
 
 
 def _feed(download: Download, data: bytes, start: int = 0, end: int | None = None) -> None:
+    """Bytes [start, end) as the upstream would send them, one chunk per reactor turn."""
     end = len(data) if end is None else end
     for i in range(start, end, CHUNK):
         download.dataReceived(data[i:min(i + CHUNK, end)])
+        download.clock.advance(0)  # the turn ends: what arrived in it is handed on
 
 
 @pytest.fixture
@@ -154,7 +159,7 @@ def test_relay_follower_that_lags_holds_the_upstream_within_the_window(tmp_path)
     client.full()
     fed = 0
     while not upstream.paused and fed < len(data):  # a paused upstream sends no more
-        download.dataReceived(data[fed:fed + CHUNK])
+        _feed(download, data, start=fed, end=fed + CHUNK)
         fed += CHUNK
     assert upstream.paused and fed <= WINDOW + CHUNK, "the relay buffered past its window"
     client.drained()
@@ -215,3 +220,19 @@ def test_digest_mismatch_withholds_the_final_byte_and_aborts(tmp_path):
     download.connectionLost(Failure(ResponseDone()))
     assert download.state is State.FAILED and "digest mismatch" in download.reason
     assert client.body() == data[:-1] and client.aborted()
+
+
+def test_records_of_one_reactor_turn_are_handed_on_as_one_chunk(tmp_path, preads):
+    """TLS records that arrive in one turn of the reactor reach the window, the file and the
+    followers together, as one chunk, when the turn ends."""
+    data = os.urandom(4 * CHUNK)
+    download, _, site = _setup(tmp_path, data)
+    client = Client(site)
+    for i in range(0, 3 * CHUNK, CHUNK):
+        download.dataReceived(data[i:i + CHUNK])
+    assert client.body() == b"" and download.received == 0
+    download.clock.advance(0)
+    assert client.body() == data[:3 * CHUNK] and len(download._chunks) == 1
+    download.dataReceived(data[3 * CHUNK:])
+    download.connectionLost(Failure(ResponseDone()))  # the end hands on what is pending
+    assert client.body() == data and download.state is State.COMPLETE
