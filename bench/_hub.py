@@ -12,8 +12,8 @@ import base64
 import contextlib
 import json
 import shutil
-import sys
 import ssl
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -21,7 +21,6 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import _common as c
-
 from harness.daemon import Docxy, cached_blob, mirror_args  # noqa: E402
 from harness.nginx import NginxProcess  # noqa: E402
 from harness.procs import free_port  # noqa: E402

@@ -54,7 +54,6 @@ from urllib.parse import urlsplit
 
 import _common as c
 import _hub as hub
-
 from harness.nginx import accel_front_locations  # noqa: E402
 from harness.procs import free_port  # noqa: E402  (tests/ is on sys.path via _common)
 

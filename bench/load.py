@@ -44,7 +44,6 @@ from pathlib import Path
 
 import _common as c
 import _hub as hub
-
 from harness.upstream import Upstream  # noqa: E402  (tests/ is on sys.path via _common)
 
 ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"

@@ -46,6 +46,17 @@ class Config:
     deny_networks: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     rate_limit: tuple[int, float] | None = None  # (requests, per seconds)
+    # the shared store and the cluster (docxy.cache.bucket, docxy.cluster)
+    store: str | None = None  # s3://bucket/prefix
+    s3_endpoint: str | None = None  # None: AWS
+    s3_credentials: str | None = None  # a file of access_key:secret_key, else AWS_* variables
+    s3_region: str = "us-east-1"
+    cluster: str | None = None  # redis://host:port/db
+    cluster_secret: str | None = None  # a file, the same on every node
+    node_listen: str | None = None  # strports: where peers reach this node
+    node_url: str | None = None  # the URL peers use for it
+    lease_ttl: float = 5.0  # seconds a dead leader's lease outlives it
+    environ: tuple[tuple[str, str], ...] = ()  # AWS_* variables for the S3 credentials
 
     @property
     def default(self) -> Upstream:

@@ -14,6 +14,9 @@ class SingleFlight:
     def __init__(self) -> None:
         self._waiters: dict[Hashable, list[defer.Deferred]] = {}
 
+    def running(self, key: Hashable) -> bool:
+        return key in self._waiters
+
     def run(self, key: Hashable, make: Callable[[], Coroutine[Any, Any, Any]]) -> defer.Deferred:
         waiter: defer.Deferred = defer.Deferred()
         waiting = self._waiters.get(key)

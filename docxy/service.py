@@ -20,7 +20,10 @@ from docxy.admission.tokens import TokenIssuer
 from docxy.admission.users import Htpasswd, HtpasswdError
 from docxy.cache.blobs import BlobCache
 from docxy.cache.manifests import ManifestCache, cache_key
+from docxy.cache.sources import BlobSources
 from docxy.cache.store import BlobStore
+from docxy.cluster.node import ClusterParts, ClusterService
+from docxy.cluster.secret import derive
 from docxy.config import Config
 from docxy.ops.activation import adopted_port
 from docxy.ops.certreload import CertificateReloader, CurrentCertificate
@@ -38,6 +41,7 @@ from docxy.web.site import (
     DocxySite,
     api_resource,
     metrics_resource_tree,
+    node_resource,
     redirect_resource,
 )
 
@@ -103,11 +107,62 @@ def _proxies(
     return proxies, list(clients.values())
 
 
+class ClusterConfigError(Exception):
+    """Store or cluster settings that cannot be used (credentials, secret, Redis URL)."""
+
+
+def build_cluster(config: Config, reactor) -> ClusterParts:
+    """The shared store and the cluster's pieces (docxy.cluster.node), as configured.
+    Raises ClusterConfigError."""
+    parts = ClusterParts()
+    if config.store:
+        from docxy.cache.bucket import Bucket
+        from docxy.s3.client import S3Client
+        from docxy.s3.location import (
+            S3ConfigError,
+            parse_store_url,
+            read_s3_credentials,
+        )
+
+        bucket_name, prefix = parse_store_url(config.store)
+        try:
+            access, secret = read_s3_credentials(config.s3_credentials, dict(config.environ))
+        except S3ConfigError as e:
+            raise ClusterConfigError(str(e)) from None
+        parts.s3 = S3Client(reactor, bucket_name, access, secret, endpoint=config.s3_endpoint,
+                            region=config.s3_region)
+        parts.bucket = Bucket(parts.s3, prefix, reactor)
+    if config.cluster:
+        from docxy.cluster.leases import Leases
+        from docxy.cluster.link import RedisLink
+        from docxy.cluster.members import Membership
+        from docxy.cluster.peers import PeerClient
+        from docxy.cluster.secret import (
+            ClusterSecretError,
+            NodeAuth,
+            derive,
+            read_cluster_secret,
+        )
+
+        try:
+            secret = read_cluster_secret(config.cluster_secret)
+            parts.link = RedisLink(config.cluster, reactor)
+        except (ClusterSecretError, ValueError) as e:
+            raise ClusterConfigError(str(e)) from None
+        parts.node_url = config.node_url
+        parts.leases = Leases(parts.link, config.node_url, reactor, ttl=config.lease_ttl)
+        parts.members = Membership(parts.link, config.node_url, reactor)
+        parts.peers = PeerClient(reactor, NodeAuth(derive(secret, "node-requests"), reactor))
+        parts.secret = secret
+    return parts
+
+
 class AccessConfigError(Exception):
     """Access settings that would make an open relay, or a users file that cannot be used."""
 
 
-def _client_policy(config: Config, metrics: Metrics, reactor) -> ClientPolicy:
+def _client_policy(config: Config, metrics: Metrics, reactor,
+                   parts: ClusterParts | None = None) -> ClientPolicy:
     """Who may use the mirror.  Refuses to start an open relay: without a users file docxy
     serves only loopback listeners, unless the operator said --allow-anonymous."""
     if not config.htpasswd and not config.allow_anonymous:
@@ -129,13 +184,21 @@ def _client_policy(config: Config, metrics: Metrics, reactor) -> ClientPolicy:
             users = Htpasswd(config.htpasswd, threads.deferToThread)
         except HtpasswdError as e:
             raise AccessConfigError(str(e)) from None
-        issuer = TokenIssuer(reactor)
+        # In a cluster every node signs with the same key, so a token from one works on
+        # all of them, and after restarts.
+        key = derive(parts.secret, "client-tokens") if parts and parts.link else None
+        issuer = TokenIssuer(reactor, key=key)
     limiter = RateLimiter(*config.rate_limit, reactor) if config.rate_limit else None
+    if limiter is not None and parts is not None and parts.link is not None:
+        from docxy.cluster.ratelimit import SharedRateLimiter
+
+        limiter = SharedRateLimiter(parts.link, *config.rate_limit, local=limiter)
     return ClientPolicy(networks, metrics, users, issuer, limiter)
 
 
 def build_cache(config: Config, reactor, proxies: dict[str, RegistryProxy],
-                threaded_fills: bool = True) -> tuple[BlobCache, ManifestCache]:
+                threaded_fills: bool = True,
+                parts: ClusterParts | None = None) -> tuple[BlobCache, ManifestCache]:
     """The cache in `config.cache_dir`, with what a restart must not forget read back (so
     that cached images still pull when docxy restarts during an outage).  Raises
     CacheConfigError."""
@@ -143,9 +206,13 @@ def build_cache(config: Config, reactor, proxies: dict[str, RegistryProxy],
         store = BlobStore(config.cache_dir, config.cache_max_size)
     except OSError as e:
         raise CacheConfigError(f"cannot use cache directory {config.cache_dir}: {e}") from None
+    sources = None
+    if parts is not None and (parts.bucket is not None or parts.leases is not None):
+        sources = BlobSources(reactor, parts.bucket, parts.leases, parts.peers, parts.node_url)
     blobs = BlobCache(store, reactor, config.idle_timeout, threaded_fills,
-                      accel_redirect=config.accel_redirect)
-    manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout)
+                      accel_redirect=config.accel_redirect, sources=sources)
+    manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout,
+                              bucket=parts.bucket if parts is not None else None)
     for name, proxy in proxies.items():
         proxy.access.remember_in(store.root / "access" / cache_key(name))
     manifests.restore_links(proxies)
@@ -164,10 +231,12 @@ def build_service(config: Config, reactor) -> service.MultiService:
     names = tuple(dict.fromkeys(own + tuple(h for u in config.upstreams for h in u.hosts)))
     metrics = Metrics()
     proxies, clients = _proxies(config, reactor, metrics)
+    parts = build_cluster(config, reactor)
     blobs = manifests = None
     if config.cache_dir:
-        blobs, manifests = build_cache(config, reactor, proxies)
+        blobs, manifests = build_cache(config, reactor, proxies, parts=parts)
         metrics.watch_cache(blobs, manifests)
+        metrics.watch_cluster(parts, blobs)
     context = Context(
         config=config,
         table=table,
@@ -177,7 +246,8 @@ def build_service(config: Config, reactor) -> service.MultiService:
         blobs=blobs,
         manifests=manifests,
         metrics=metrics,
-        policy=_client_policy(config, metrics, reactor),
+        policy=_client_policy(config, metrics, reactor, parts),
+        cluster=parts,
     )
     top = DocxyService(log_observer(config.log_format))
     api_site = DocxySite(api_resource(context), reactor, metrics, config.request_timeout)
@@ -202,6 +272,17 @@ def build_service(config: Config, reactor) -> service.MultiService:
                                  config.request_timeout)
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     _ClosePools(clients).setServiceParent(top)
+    ClusterService(parts).setServiceParent(top)
+    if config.node_listen and blobs is not None:
+        node_site = DocxySite(node_resource(blobs, parts, reactor), reactor, metrics,
+                              config.request_timeout)
+        strports.service(config.node_listen, node_site, reactor=reactor).setServiceParent(top)
+        log.info("docxy: node {url} of the cluster {redis}; peers stream from {listen}",
+                 url=config.node_url, redis=redacted_url(config.cluster),
+                 listen=config.node_listen)
+    if config.store:
+        log.info("docxy: shared store {store} at {endpoint}", store=config.store,
+                 endpoint=config.s3_endpoint or "AWS")
     if certificate is not None:
         CertificateReloader(certificate, config.cert_path, config.key_path, reactor,
                             config.cert_check_interval).setServiceParent(top)
@@ -222,6 +303,17 @@ def build_service(config: Config, reactor) -> service.MultiService:
         metrics=config.metrics_listen or "the API's endpoints",
     )
     return top
+
+
+def redacted_url(url: str | None) -> str:
+    """A URL fit for the log: a password in it is replaced."""
+    if not url:
+        return "-"
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
 
 
 def raise_open_files_limit() -> None:

@@ -20,6 +20,7 @@ from docxy.ops.logs import LOG_FORMATS
 from docxy.ops.memory import tune_allocator
 from docxy.ops.tls import TLSConfigError
 from docxy.registry.presets import (
+    FILE_OPTIONS,
     ConfigFileError,
     FileSettings,
     Upstream,
@@ -27,9 +28,11 @@ from docxy.registry.presets import (
     check_url,
     read_config_file,
 )
+from docxy.s3.location import parse_store_url
 from docxy.service import (
     AccessConfigError,
     CacheConfigError,
+    ClusterConfigError,
     build_service,
     raise_open_files_limit,
 )
@@ -180,6 +183,26 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
          "tcp:9102:interface=127.0.0.1) instead of on the API's. [DOCXY_METRICS_LISTEN]"],
         ["log-format", None, "text", "text (one line per event) or json (one JSON object "
          "per line, on standard output). [DOCXY_LOG_FORMAT]"],
+        ["store", None, None, "The shared store of blobs and manifests: s3://BUCKET/PREFIX "
+         "(the bucket is made if missing); --cache-dir stays a bounded first-level cache in "
+         "front of it. [DOCXY_STORE]"],
+        ["s3-endpoint", None, None, "URL of any S3-compatible service (MinIO, Ceph RGW, R2); "
+         "AWS when omitted. [DOCXY_S3_ENDPOINT]"],
+        ["s3-credentials", None, None, "File holding access_key:secret_key (else the "
+         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY variables). [DOCXY_S3_CREDENTIALS]"],
+        ["s3-region", None, None, "The bucket's region, for signing (default us-east-1, or "
+         "AWS_REGION). [DOCXY_S3_REGION]"],
+        ["cluster", None, None, "Redis URL (redis://HOST:PORT/DB) coordinating the nodes: "
+         "one upstream download per blob, shared tags, rate limits and tokens. [DOCXY_CLUSTER]"],
+        ["cluster-secret", None, None, "File with a secret shared by every node (at least 16 "
+         "bytes): signs node-to-node requests and docxy's client tokens. "
+         "[DOCXY_CLUSTER_SECRET]"],
+        ["node-listen", None, None, "Endpoint (strports) where the other nodes stream blobs "
+         "from this one, e.g. tcp:5001:interface=10.0.0.5. [DOCXY_NODE_LISTEN]"],
+        ["node-url", None, None, "The URL the other nodes reach --node-listen at, e.g. "
+         "http://10.0.0.5:5001. [DOCXY_NODE_URL]"],
+        ["lease-ttl", None, 5.0, "Seconds a download's lease outlives a node that died "
+         "holding it (renewed every third of it). [DOCXY_LEASE_TTL]", float],
     ]
 
     _ENV_SCALARS = {
@@ -209,6 +232,15 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         "stop-timeout": ("DOCXY_STOP_TIMEOUT",),
         "metrics-listen": ("DOCXY_METRICS_LISTEN",),
         "log-format": ("DOCXY_LOG_FORMAT",),
+        "store": ("DOCXY_STORE",),
+        "s3-endpoint": ("DOCXY_S3_ENDPOINT",),
+        "s3-credentials": ("DOCXY_S3_CREDENTIALS",),
+        "s3-region": ("DOCXY_S3_REGION", "AWS_REGION"),
+        "cluster": ("DOCXY_CLUSTER",),
+        "cluster-secret": ("DOCXY_CLUSTER_SECRET",),
+        "node-listen": ("DOCXY_NODE_LISTEN",),
+        "node-url": ("DOCXY_NODE_URL",),
+        "lease-ttl": ("DOCXY_LEASE_TTL",),
     }
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -369,10 +401,11 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         if not 1 <= self["upstream-connections"] <= 10000:
             raise usage.UsageError("--upstream-connections must be a whole number from 1 to 10000")
 
-    def upstreams(self) -> tuple[tuple[Upstream, ...], str]:
+    def upstreams(self, settings: FileSettings | None = None) -> tuple[tuple[Upstream, ...], str]:
         """The upstreams and the default's name, from the configuration file, --registry
         and the single-registry options (which win).  Raises ConfigFileError."""
-        settings = read_config_file(self["config"]) if self["config"] else FileSettings()
+        if settings is None:
+            settings = read_config_file(self["config"]) if self["config"] else FileSettings()
         overrides = {
             key: self[option]
             for option, key in (("upstream", "url"), ("upstream-ca", "ca"),
@@ -388,9 +421,50 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         except ValueError as e:
             raise ConfigFileError(str(e)) from None
 
+    def cluster_options(self, settings: FileSettings) -> dict:
+        """The shared store's and the cluster's settings, the file filling in what the
+        command line and the environment left; UsageError for a combination that cannot
+        work."""
+        from_file = dict(settings.options)
+        values = {key: self[key.replace("_", "-")] or from_file.get(key) for key in FILE_OPTIONS}
+        if values["store"]:
+            try:
+                parse_store_url(values["store"])
+            except ValueError as e:
+                raise usage.UsageError(f"--store: {e}") from None
+            if self["no-cache"]:
+                raise usage.UsageError("--store needs the local cache (not --no-cache): it is "
+                                       "the first level in front of the bucket")
+        elif values["s3_endpoint"] or values["s3_credentials"]:
+            raise usage.UsageError("--s3-endpoint and --s3-credentials need --store s3://...")
+        if values["s3_endpoint"]:
+            values["s3_endpoint"] = _check_url("--s3-endpoint", values["s3_endpoint"])
+        if values["cluster"]:
+            if self["no-cache"]:
+                raise usage.UsageError("--cluster needs the cache (not --no-cache)")
+            if not values["cluster"].startswith("redis://"):
+                raise usage.UsageError("--cluster must be a Redis URL: redis://HOST:PORT/DB")
+            missing = [f"--{k.replace('_', '-')}" for k in ("cluster_secret", "node_listen",
+                                                           "node_url") if not values[k]]
+            if missing:
+                raise usage.UsageError(f"--cluster needs {' and '.join(missing)}: the nodes "
+                                       "stream downloads from each other")
+            values["node_url"] = _check_url("--node-url", values["node_url"])
+        elif values["node_listen"] or values["node_url"]:
+            raise usage.UsageError("--node-listen and --node-url need --cluster redis://...")
+        if not self["lease-ttl"] >= 1:
+            raise usage.UsageError("--lease-ttl must be at least 1 second")
+        values["s3_region"] = values["s3_region"] or "us-east-1"
+        return values
+
     def config(self) -> Config:
-        upstreams, default = self.upstreams()
+        settings = read_config_file(self["config"]) if self["config"] else FileSettings()
+        upstreams, default = self.upstreams(settings)
+        cluster = self.cluster_options(settings)
         return Config(
+            **cluster,
+            lease_ttl=self["lease-ttl"],
+            environ=tuple((k, v) for k, v in self.environ.items() if k.startswith("AWS_")),
             listen=tuple(self["listen"]),
             tls=tuple(self["tls"]),
             cert_path=self["cert"] if self["tls"] else None,
@@ -432,6 +506,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     try:
         return build_service(options.config(), reactor)
     except (ConfigFileError, TLSConfigError, CredentialsError, CacheConfigError,
-            AccessConfigError) as e:
+            AccessConfigError, ClusterConfigError, usage.UsageError) as e:
         raise SystemExit(f"docxy: {e}") from None
 

@@ -3,6 +3,7 @@ on, and its request rate.  Resources ask this one object; every refusal is a reg
 error and is counted in `docxy_refusals{reason=...}`."""
 from __future__ import annotations
 
+import inspect
 import time
 
 from twisted.logger import Logger
@@ -88,12 +89,15 @@ class ClientPolicy:
         send_error(request, 401, "UNAUTHORIZED", "authentication required")
         return False
 
-    def admit_rate(self, request) -> bool:
-        """One request from the client's bucket (its user's, when logged in)."""
+    async def admit_rate(self, request) -> bool:
+        """One request from the client's bucket (its user's, when logged in); in a
+        cluster the bucket is shared by every node (docxy.cluster.ratelimit)."""
         if self.limiter is None:
             return True
         key = getattr(request, "docxy_user", None) or self.client(request)
         wait = self.limiter.take(key)
+        if inspect.isawaitable(wait):
+            wait = await wait
         if not wait:
             return True
         self.refused("rate")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import errno
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from docxy.cache.fill import Fill
 from docxy.cache.interfaces import IBlobStore
+from docxy.cache.sources import BlobSources, Source
+from docxy.cluster.peers import NOT_YET
 from docxy.flight import SingleFlight
 from docxy.registry.ranges import UNSATISFIABLE, parse_range
 from docxy.stream.clients import request_gone
@@ -42,6 +45,8 @@ class CacheStats:
     digest_mismatches: int = 0
     failed_fills: int = 0
     uncached: int = 0  # relayed without caching: no room on the disk or under the bound
+    bytes_from_bucket: int = 0  # downloaded into this node's disk from the shared store
+    bytes_from_peers: int = 0  # streamed from another node's download
 
 
 @attrs.frozen
@@ -57,7 +62,8 @@ class _Started:
 
 class BlobCache:
     def __init__(self, store: IBlobStore, reactor, idle_timeout: float,
-                 threaded_fills: bool = True, accel_redirect: str | None = None):
+                 threaded_fills: bool = True, accel_redirect: str | None = None,
+                 sources: BlobSources | None = None):
         self.store = store
         self.stats = CacheStats()
         self._reactor = reactor
@@ -67,6 +73,12 @@ class BlobCache:
         self._fills: dict[str, Fill] = {}
         self._full_until = 0.0  # a write found the disk full: relay uncached until then
         self._starting = SingleFlight()  # by digest: the upstream asked for it right now
+        self._sources = sources  # the bucket and the cluster (docxy.cache.sources), or None
+        self._leases: dict = {}  # digest -> docxy.cluster.leases.Lease of a download led here
+
+    @property
+    def sources(self) -> BlobSources | None:
+        return self._sources
 
     def filling(self) -> int:
         return len(self._fills)
@@ -116,13 +128,30 @@ class BlobCache:
         # The cache needs the whole blob; a client's range is served from the file.
         for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
             headers.removeHeader(name)
-        response = await proxy.pull(route, b"GET", headers, [])
-        resumer = proxy.resumer(route, headers) if response.code == 200 else None
+        upstream_resumer = proxy.resumer(route, headers)
+        sources = self._sources
+        source, lease = Source.UPSTREAM, None
+        if sources is None:
+            response = await proxy.pull(route, b"GET", headers, [])
+        else:
+            # The bucket or a peer may answer: the upstream must say yes to this client first.
+            denied = await proxy.access.check_access(route, request.requestHeaders)
+            if denied is not None:
+                refuse(request, denied, realm)
+                return _Started(request)
+
+            async def upstream(start: int):
+                return await proxy.pull(route, b"GET", headers, [])
+
+            response, source, lease = await sources.open(digest, 0, upstream)
         if response.code != 200 or not isinstance(response.length, int):
+            self._release(lease)
+            resumer = upstream_resumer if response.code == 200 else None
             relay(request, response, self._reactor, self._idle_timeout, realm, resumer)
             return _Started(request)
         if self.holds(digest):
             # Stored (or started) another way while we waited: everyone asks again.
+            self._release(lease)
             discard(response)
             return _Started(None)
         why_not = self._no_room(response.length)
@@ -134,17 +163,82 @@ class BlobCache:
                 self._note_write_error(e)
                 why_not = f"cannot write to the cache: {e.strerror or e}"
         if why_not is not None:
-            self._relay_uncached(request, response, digest, why_not, resumer)
+            self._release(lease)
+            self._relay_uncached(request, response, digest, why_not, upstream_resumer)
             return _Started(request)
         self.stats.misses += 1
-        proxy.access.note_allowed(route, request.requestHeaders)
+        if source is Source.UPSTREAM:
+            proxy.access.note_allowed(route, request.requestHeaders)
         proxy.access.learn_publicity(route)
         self._fills[digest] = fill
+        fill.source = source
+        if sources is None:
+            resumer = upstream_resumer
+        else:
+            if lease is not None:
+                self._leases[digest] = lease
+            resumer = sources.resumer(
+                digest, upstream_resumer, proxy.resume_attempts,
+                leading=lambda: self._leads(digest),
+                took_lease=lambda taken: self._took_over(digest, fill, taken))
         # Opened before the body flows: a small body may end (and, if it cannot be stored,
         # vanish) within deliver.
         handle = None if request_gone(request) else fill.open_for_reading()
         deliver(response, fill, self._reactor, self._idle_timeout, resumer)
         return _Started(request, fill, handle)
+
+    # --- the cluster's part --------------------------------------------------------------
+    def _leads(self, digest: str) -> bool:
+        lease = self._leases.get(digest)
+        return lease is not None and not lease.lost
+
+    def _took_over(self, digest: str, fill: Fill, lease) -> None:
+        """A follower took the lease of a leader that went away: it now leads (and
+        uploads), unless its download ended meanwhile."""
+        if self._fills.get(digest) is fill:
+            self._leases[digest] = lease
+            fill.source = Source.UPSTREAM
+        else:
+            self._release(lease)
+
+    def _release(self, lease) -> None:
+        if lease is not None:
+            d = defer.ensureDeferred(lease.release())
+            d.addErrback(lambda f: log.info("could not release a lease: {err}",
+                                            err=f.getErrorMessage()))
+
+    def _share(self, fill: Fill) -> None:
+        """A download this node led ended: a verified blob goes to the bucket, then the
+        lease is let go (until then peers stream it from this node's disk)."""
+        lease = self._leases.pop(fill.digest, None)
+        bucket = self._sources.bucket if self._sources is not None else None
+        if not (fill.committed and bucket is not None and fill.source is Source.UPSTREAM):
+            self._release(lease)
+            return
+        handle = self.store.acquire(fill.digest)  # kept from eviction until uploaded
+        path = self.store.local_path(fill.digest)
+        if handle is None or path is None:
+            self._release(lease)
+            return
+        handle.close()
+
+        def uploaded(_):
+            self.store.release(fill.digest)
+            self._release(lease)
+
+        d = defer.ensureDeferred(bucket.upload_blob(fill.digest, str(path), fill.received))
+        d.addErrback(lambda f: log.failure("uploading {digest} failed", f, digest=fill.digest))
+        d.addBoth(uploaded)
+
+    def serve_peer(self, request, digest: str) -> int:
+        """A peer node asks for a blob: streamed from the download running here or from
+        the disk (200/206).  Else 503 while this node's download is about to start (the
+        peer asks again), 404 when this node has nothing."""
+        fill = self._fills.get(digest)
+        if fill is not None or self.store.has(digest):
+            if self._serve(request, digest, fill, accel=False):
+                return 200
+        return NOT_YET if digest in self._leases or self._starting.running(digest) else 404
 
     def _hand_to_nginx(self, request, local, size: int) -> None:
         """Behind nginx (--accel-redirect): nginx sends the file, Range included, with
@@ -183,14 +277,22 @@ class BlobCache:
 
     def _fill_ended(self, fill: Fill) -> None:
         self._fills.pop(fill.digest, None)
-        self.stats.bytes_from_upstream += fill.durable
+        if fill.source is Source.UPSTREAM:
+            self.stats.bytes_from_upstream += fill.durable
+        elif fill.source is Source.PEER:
+            self.stats.bytes_from_peers += fill.durable
+        else:
+            self.stats.bytes_from_bucket += fill.durable
+        if self._sources is not None:
+            self._share(fill)
         self._note_write_error(fill.write_error)
         if fill.state is not State.COMPLETE:
             self.stats.failed_fills += 1
             if fill.reason.startswith("digest mismatch"):
                 self.stats.digest_mismatches += 1
 
-    def _serve(self, request, digest: str, fill: Fill | None, handle=None) -> bool:
+    def _serve(self, request, digest: str, fill: Fill | None, handle=None,
+               accel: bool = True) -> bool:
         """Answer from the store (fill None) or from a download; False, with nothing
         answered, when the stored file is gone.  `handle`: the download's file, opened."""
         if request_gone(request) or (fill is not None and fill.state is State.FAILED):
@@ -219,7 +321,7 @@ class BlobCache:
         request.setHeader(b"docker-content-digest", digest.encode("ascii"))
         request.setHeader(b"etag", b'"' + digest.encode("ascii") + b'"')
         request.setHeader(b"accept-ranges", b"bytes")
-        if fill is None and self._accel is not None and request.method == b"GET":
+        if fill is None and accel and self._accel is not None and request.method == b"GET":
             local = self.store.local_path(digest)
             if local is not None:
                 handle.close()

@@ -41,6 +41,7 @@ class Fill(Download):
             raise
         self.write_error: OSError | None = None  # why the partial file could not be written
         self.committed = False  # entered into the store
+        self.source = None  # docxy.cache.sources.Source: where the bytes come from (set by the cache)
         sink = FileSink(self._file.fileno(), hashlib.new(algorithm), self.stored,
                         self._write_failed, reactor, threaded=threaded)
         super().__init__(length, reactor=reactor, sink=sink, expected_hex=expected_hex, on_end=on_end)

@@ -9,6 +9,8 @@ is served (stale).  A manifest larger than MAX_MANIFEST is refused and never sto
 that cannot be written (disk full) is served uncached.
 Manifest bytes live in the blob store (one copy per digest, whatever asked for it); their
 media type and the tag map live beside it, under `manifests/` and `tags/<upstream>/`.
+With `--store`, manifests and tags also go to the bucket, where every node finds them
+(a node with an empty disk, or one restarted during an outage).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import json
 from pathlib import Path
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from docxy.cache.bucket import Bucket
 from docxy.cache.interfaces import IBlobStore
 from docxy.files import atomic_write
 from docxy.flight import SingleFlight
@@ -129,8 +133,10 @@ class ManifestCache:
         reactor,
         tag_ttl: float = 0.0,
         idle_timeout: float = 60.0,
+        bucket: Bucket | None = None,
     ) -> None:
         self.store = store
+        self._bucket = bucket  # the shared store behind the local disk (--store), or None
         self._reactor = reactor
         self._tag_ttl = tag_ttl
         self._idle_timeout = idle_timeout
@@ -168,13 +174,20 @@ class ManifestCache:
 
     def _remember_tag(self, upstream: str, name: str, tag: str, digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
+        if self._bucket is not None:
+            known = self.tag(upstream, name, tag)
+            if known is None or known.digest != digest:
+                self._background(self._bucket.put_tag(cache_key(upstream), name, tag, entry))
         try:
             atomic_write(self._tag_path(upstream, name, tag), json.dumps(entry).encode())
         except OSError as e:
             log.warn("cannot remember tag {name}:{tag}: {err}", name=name, tag=tag, err=e.strerror or str(e))
 
-    def _put(self, digest: str, body: bytes, media_type: str) -> bool:
-        """Store a verified manifest; False (nothing stored) when the disk says no."""
+    def _put(self, digest: str, body: bytes, media_type: str, share: bool = True) -> bool:
+        """Store a verified manifest (and, `share`, put it in the bucket); False (nothing
+        stored) when the disk says no."""
+        if share and self._bucket is not None:
+            self._background(self._bucket.put_manifest(digest, media_type, body))
         path = None
         try:
             path, f = self.store.new_partial(digest)
@@ -198,6 +211,45 @@ class ManifestCache:
         finally:
             handle.close()
             self.store.release(digest)
+
+    # --- the bucket behind the local disk -------------------------------------------------
+    def _background(self, work) -> None:
+        d = defer.ensureDeferred(work)
+        d.addErrback(lambda f: log.failure("bucket write failed", f))
+
+    async def _from_bucket(self, digest: str) -> bool:
+        """Bring a manifest the local disk lacks from the bucket; True when it is stored
+        here now.  Its digest is checked again: the bucket is trusted with nothing."""
+        if self._bucket is None or not is_valid_digest(digest):
+            return False
+        if self.store.has(digest):
+            return True
+        found = await self._bucket.get_manifest(digest)
+        if found is None:
+            return False
+        body, media_type = found
+        if manifest_digest(body, media_type) != digest:
+            log.warn("the bucket's manifest {digest} does not match its digest; ignored",
+                     digest=digest)
+            return False
+        return self._put(digest, body, media_type, share=False)
+
+    async def _shared_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
+        """A tag this node has not seen, as another node stored it in the bucket."""
+        if self._bucket is None:
+            return None
+        data = await self._bucket.get_tag(cache_key(upstream), name, tag)
+        try:
+            entry = TagEntry(data["digest"], data["media_type"], float(data["checked"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+        if not is_valid_digest(entry.digest) or not await self._from_bucket(entry.digest):
+            return None
+        try:
+            atomic_write(self._tag_path(upstream, name, tag), json.dumps(data).encode())
+        except OSError:
+            pass
+        return entry
 
     # --- after a restart ----------------------------------------------------------------
     def restore_links(self, proxies: dict[str, RegistryProxy]) -> int:
@@ -257,6 +309,8 @@ class ManifestCache:
     async def _by_digest(self, pull: Pull) -> None:
         request, proxy, route, realm = pull
         digest = route.reference
+        if not self.store.has(digest):
+            await self._from_bucket(digest)
         body = self._read(digest) if self.store.has(digest) else None
         media_type = self.media_type(digest) if body is not None else None
         if body is not None and media_type is not None:
@@ -278,6 +332,10 @@ class ManifestCache:
         name = upstream_name(route.name, proxy.library)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         entry = self.tag(proxy.name, name, route.reference)
+        if entry is None:
+            entry = await self._shared_tag(proxy.name, name, route.reference)
+        elif not self.store.has(entry.digest):
+            await self._from_bucket(entry.digest)
         usable = entry is not None and self.store.has(entry.digest) and accepts(accept, entry.media_type)
         now = self._reactor.seconds()
         if usable and self._tag_ttl > 0 and now - entry.checked < self._tag_ttl:
@@ -305,6 +363,8 @@ class ManifestCache:
             self._serve_stale(request, route, entry, stale_why)
             return
         _refuse_while_tokens_are_down(proxy, head)
+        if head.code == 200 and digest and not self.store.has(digest):
+            await self._from_bucket(digest)
         media_type = self.media_type(digest) if digest and self.store.has(digest) else None
         if request.method == b"HEAD" and (head.code != 200 or media_type is None):
             # Not stored (or refused): the upstream's HEAD is the answer to a HEAD.

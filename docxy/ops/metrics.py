@@ -115,6 +115,11 @@ class Metrics:
     def upstream_resumed(self, registry: str) -> None:
         self.upstream_resumes.labels(registry).inc()
 
+    def watch_cluster(self, parts, blobs) -> None:
+        """Export the shared store's and the cluster's state (docxy.cluster.node), if any."""
+        if parts.bucket is not None or parts.link is not None:
+            self.registry.register(ClusterCollector(parts, blobs))
+
     def watch_cache(self, blobs, manifests) -> None:
         """Export the cache's counters (docxy.cache), read at each scrape."""
         self.registry.register(CacheCollector(blobs, manifests))
@@ -174,6 +179,46 @@ class CacheCollector:
             yield gauge("docxy_cache_max_size_bytes", "The cache's size bound", store.max_size)
         yield gauge("docxy_upstream_fetches_in_flight",
                     "Blob downloads from upstreams into the cache running now", blobs.filling())
+
+
+class ClusterCollector:
+    """The bucket's and Redis's state and this node's traffic with its peers (plain
+    attribute reads, as the CacheCollector's)."""
+
+    def __init__(self, parts, blobs) -> None:
+        self._parts = parts
+        self._blobs = blobs
+
+    def collect(self):
+        parts, stats = self._parts, self._blobs.stats
+        sources = self._blobs.sources
+        if parts.bucket is not None:
+            bucket = parts.bucket
+            yield GaugeMetricFamily("docxy_store_up", "1 while the shared store (S3 bucket) "
+                                    "answers, 0 while it does not", value=int(bucket.up))
+            yield CounterMetricFamily("docxy_store_errors", "Requests to the shared store that "
+                                      "failed", value=bucket.errors)
+            yield CounterMetricFamily("docxy_store_uploads", "Verified blobs this node put "
+                                      "in the shared store", value=bucket.uploads)
+            yield CounterMetricFamily("docxy_store_upload_failures", "Blob uploads to the "
+                                      "shared store that failed", value=bucket.upload_failures)
+            yield CounterMetricFamily("docxy_store_read_bytes", "Blob bytes this node "
+                                      "downloaded from the shared store", value=stats.bytes_from_bucket)
+        if parts.link is not None:
+            link = parts.link
+            yield GaugeMetricFamily("docxy_cluster_redis_up", "1 while Redis answers, 0 while "
+                                    "the node runs degraded without it", value=int(link.up))
+            yield CounterMetricFamily("docxy_cluster_redis_errors", "Redis calls that failed "
+                                      "(each one served degraded)", value=link.errors)
+            yield CounterMetricFamily("docxy_cluster_peer_bytes", "Blob bytes this node "
+                                      "streamed from other nodes' downloads", value=stats.bytes_from_peers)
+            if sources is not None:
+                yield CounterMetricFamily("docxy_cluster_lease_takeovers", "Downloads this "
+                                          "node took over from a leader that went away",
+                                          value=sources.takeovers)
+                yield CounterMetricFamily("docxy_cluster_unleased_downloads", "Downloads led "
+                                          "without a lease because Redis did not answer",
+                                          value=sources.degraded)
 
 
 def metrics_resource(metrics: Metrics):

@@ -33,19 +33,51 @@ def cache_check(cache_dir: str | None) -> dict:
     return {"ok": True, "enabled": True, "dir": cache_dir}
 
 
-def readiness_report(upstreams: dict[str, dict], cache: dict) -> dict:
+def cluster_check(parts) -> dict | None:
+    """The shared store and Redis, as the node last found them (no request is made: both
+    are asked on every miss anyway).  Either one down leaves the node degraded, not down:
+    it still serves (docxy.cache.sources), so it stays ready and says why."""
+    if parts is None or (parts.bucket is None and parts.link is None):
+        return None
+    report: dict = {"ok": True}
+    degraded = []
+    if parts.bucket is not None:
+        report["store"] = {"up": parts.bucket.up, **({"error": parts.bucket.why}
+                                                      if not parts.bucket.up else {})}
+        if not parts.bucket.up:
+            degraded.append("the bucket is unreachable: serving from the local disk, "
+                            "relaying the rest")
+    if parts.link is not None:
+        report["redis"] = {"up": parts.link.up, **({"error": parts.link.why}
+                                                    if not parts.link.up else {})}
+        report["node"] = parts.node_url
+        if not parts.link.up:
+            degraded.append("Redis is unreachable: one upstream download per node, "
+                            "rate limits per node")
+    if degraded:
+        report["degraded"] = degraded
+    return report
+
+
+def readiness_report(upstreams: dict[str, dict], cache: dict, cluster: dict | None = None) -> dict:
     """The report of one check: ready only if every part is."""
     ready = cache["ok"] and all(u["ok"] for u in upstreams.values())
-    return {"status": "ready" if ready else "not ready", "ready": ready,
-            "upstreams": upstreams, "cache": cache}
+    report = {"status": "ready" if ready else "not ready", "ready": ready,
+              "upstreams": upstreams, "cache": cache}
+    if cluster is not None:
+        report["cluster"] = cluster
+        if cluster.get("degraded") and ready:
+            report["status"] = "ready (degraded)"
+    return report
 
 
 class Readiness:
     def __init__(self, proxies: dict, cache_dir: str | None, reactor,
-                 timeout: float = 5.0, keep: float = 5.0) -> None:
+                 timeout: float = 5.0, keep: float = 5.0, cluster=None) -> None:
         """`proxies`: RegistryProxy by registry name; `timeout`: seconds an upstream has
         to answer; `keep`: seconds a result is reused."""
         self._proxies = proxies
+        self._cluster = cluster  # docxy.cluster.node.ClusterParts, or None
         self._cache_dir = cache_dir
         self._reactor = reactor
         self._timeout = timeout
@@ -64,7 +96,8 @@ class Readiness:
         results = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self._upstream(self._proxies[n])) for n in names]
         )
-        report = readiness_report(dict(zip(names, results)), cache_check(self._cache_dir))
+        report = readiness_report(dict(zip(names, results)), cache_check(self._cache_dir),
+                                  cluster_check(self._cluster))
         self._last = (self._reactor.seconds(), report)
         return report
 

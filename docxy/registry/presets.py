@@ -117,7 +117,10 @@ def preset_for_url(url: str) -> Upstream | None:
 _STRING_KEYS = ("url", "ca", "credentials", "auth_realm", "auth_service")
 _BOOL_KEYS = ("library", "mirror_mode")
 _LIST_KEYS = ("repositories", "deny_repositories", "names", "prefixes", "hosts")
-_TOP_KEYS = ("default", "upstream")
+# Daemon options a file may set too (the command line and DOCXY_* win): the cluster's.
+FILE_OPTIONS = ("store", "s3_endpoint", "s3_credentials", "s3_region", "cluster",
+                "cluster_secret", "node_listen", "node_url")
+_TOP_KEYS = ("default", "upstream") + FILE_OPTIONS
 
 
 @attrs.frozen
@@ -127,6 +130,7 @@ class FileSettings:
 
     upstreams: tuple[tuple[str, dict], ...] = ()
     default: str | None = None
+    options: tuple[tuple[str, str], ...] = ()  # FILE_OPTIONS it sets
 
 
 def read_config_file(path: str) -> FileSettings:
@@ -148,7 +152,14 @@ def parse_config(data: dict) -> FileSettings:
     """Check the parsed TOML of a configuration file; ValueError says what is wrong."""
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)} (expected: default, [upstream.\"NAME\"])")
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} (expected: default, "
+                         f"{', '.join(FILE_OPTIONS)}, [upstream.\"NAME\"])")
+    options = []
+    for key in FILE_OPTIONS:
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                raise ValueError(f"{key} must be a non-empty string")
+            options.append((key, data[key]))
     default = data.get("default")
     if default is not None and not isinstance(default, str):
         raise ValueError("default must be a string naming an upstream")
@@ -160,7 +171,7 @@ def parse_config(data: dict) -> FileSettings:
         if not isinstance(table, dict):
             raise ValueError(f'upstream "{name}" must be a table: [upstream."{name}"]')
         upstreams.append((name.lower(), _check_table(name, table)))
-    return FileSettings(tuple(upstreams), default.lower() if default else None)
+    return FileSettings(tuple(upstreams), default.lower() if default else None, tuple(options))
 
 
 def _check_table(name: str, table: dict) -> dict:

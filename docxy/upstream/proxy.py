@@ -91,6 +91,10 @@ class RegistryProxy:
         return self.upstream.name
 
     @property
+    def resume_attempts(self) -> int:
+        return self._resume_attempts
+
+    @property
     def mirror_mode(self) -> bool:
         return self.upstream.mirror_mode
 

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from docxy.cluster.peers import PEER_PATH
 from docxy.config import Config
 from docxy.ops.lifecycle import ActiveRequests
 from docxy.ops.logs import access_fields, access_format
@@ -164,6 +165,15 @@ def redirect_resource(
         {},
         fallback=HTTPSRedirectResource(config.public_url, names, https_port),
     )
+
+
+def node_resource(blobs, parts, reactor) -> Resource:
+    """The node listener: what the other nodes of the cluster ask this one for."""
+    from docxy.cluster.secret import NodeAuth, derive
+    from docxy.web.resources.node import NodeBlobResource
+
+    auth = NodeAuth(derive(parts.secret, "node-requests"), reactor)
+    return Router({}, {PEER_PATH: NodeBlobResource(blobs, auth)})
 
 
 def metrics_resource_tree(context: Context) -> Resource:

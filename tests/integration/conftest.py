@@ -79,3 +79,31 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="dx-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+from harness.redisd import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server on 127.0.0.1 for the session (tests that stop Redis start
+    their own with RedisServer.start)."""
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+from harness.ceph import Rgw  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rgw]:
+    """One real Ceph RGW (S3) on 127.0.0.1 for the session: a monitor, a bluestore OSD on a
+    sparse file and radosgw, with one S3 user (`access_key`, `secret_key`)."""
+    server = Rgw.start(tmp_path_factory.mktemp("rgw"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -257,3 +257,46 @@ def test_accel_redirect_reaches_the_config():
     assert parse(["--accel-redirect", "/_docxy_blobs/"]).config().accel_redirect == "/_docxy_blobs"
     assert parse([], {"DOCXY_ACCEL_REDIRECT": "/x"}).config().accel_redirect == "/x"
     assert parse([]).config().accel_redirect is None
+
+
+# --- the shared store and the cluster -----------------------------------------------------
+
+_CLUSTER = ["--cluster", "redis://127.0.0.1:6379/0", "--cluster-secret", "/etc/docxy/key",
+            "--node-listen", "tcp:5001:interface=127.0.0.1", "--node-url", "http://10.0.0.5:5001"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--store", "http://bucket"], "--store"),
+    (["--store", "s3://"], "--store"),
+    (["--store", "s3://b/p", "--no-cache"], "first level"),
+    (["--s3-endpoint", "http://127.0.0.1:7480"], "need --store"),
+    (["--cluster", "redis://127.0.0.1:6379/0"], "--cluster-secret and --node-listen and --node-url"),
+    (["--cluster", "http://127.0.0.1:6379"], "Redis URL"),
+    (_CLUSTER + ["--no-cache"], "--no-cache"),
+    (["--node-url", "http://10.0.0.5:5001"], "need --cluster"),
+    (_CLUSTER + ["--lease-ttl", "0.5"], "--lease-ttl"),
+])
+def test_bad_cluster_options_are_usage_errors(argv, message):
+    """A store or cluster setting that cannot work stops docxy with a line saying why."""
+    with pytest.raises(usage.UsageError, match=message.replace("-", r"\-")):
+        parse(argv).config()
+
+
+def test_cluster_options_from_command_line_environment_and_file(tmp_path):
+    """Every cluster option comes from the command line, else DOCXY_*, else the TOML
+    file's key of the same name."""
+    config_file = tmp_path / "docxy.toml"
+    config_file.write_text('store = "s3://from-file/p"\ns3_endpoint = "http://127.0.0.1:7480"\n'
+                           'cluster = "redis://file:6379/0"\ncluster_secret = "/file/key"\n'
+                           'node_listen = "tcp:5001"\nnode_url = "http://file:5001"\n')
+    config = parse(["--config", str(config_file), "--node-url", "http://cli:5001"],
+                   {"DOCXY_CLUSTER": "redis://env:6379/1", "AWS_REGION": "eu-west-1"}).config()
+    assert config.store == "s3://from-file/p"
+    assert config.s3_endpoint == "http://127.0.0.1:7480"
+    assert config.cluster == "redis://env:6379/1"
+    assert config.cluster_secret == "/file/key"
+    assert config.node_listen == "tcp:5001"
+    assert config.node_url == "http://cli:5001"
+    assert config.s3_region == "eu-west-1"
+    plain = parse([]).config()
+    assert plain.store is None and plain.cluster is None

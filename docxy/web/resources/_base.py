@@ -38,6 +38,7 @@ class Context:
     blobs: BlobCache | None = None  # None when the cache is off
     manifests: ManifestCache | None = None  # likewise
     metrics: Metrics = attrs.field(factory=Metrics)
+    cluster: object | None = None  # docxy.cluster.node.ClusterParts: the bucket, Redis
     # who may use the mirror; by default every network, no login, no rate limit
     policy: ClientPolicy = attrs.field(
         default=attrs.Factory(lambda self: ClientPolicy(NetworkPolicy(), self.metrics), takes_self=True)
@@ -45,7 +46,8 @@ class Context:
     # /ready and /health?deep=1: one shared check of the upstreams and the cache directory
     readiness: Readiness = attrs.field(
         default=attrs.Factory(
-            lambda self: Readiness(self.proxies, self.config.cache_dir, self.reactor),
+            lambda self: Readiness(self.proxies, self.config.cache_dir, self.reactor,
+                                   cluster=self.cluster),
             takes_self=True,
         )
     )

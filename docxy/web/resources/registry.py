@@ -38,8 +38,13 @@ class RegistryResource(PullResource):
             if not policy.admit_user(request, realm_url, scope):
                 return NOT_DONE_YET
         # A manifest is what a pull costs upstream (Hub counts manifest GETs): rate-limit those.
-        if route.kind == "manifests" and not policy.admit_rate(request):
-            return NOT_DONE_YET
+        rated = route.kind == "manifests" and policy.limiter is not None
+
+        def later(work):
+            async def admitted() -> None:
+                if not rated or await policy.admit_rate(request):
+                    await work()
+            return answer_later(request, admitted)
 
         realm = (
             None
@@ -48,7 +53,7 @@ class RegistryResource(PullResource):
         )
         if route.kind == "manifests" and ctx.manifests is not None:
             manifests = ctx.manifests
-            return answer_later(request, lambda: manifests.answer(Pull(request, proxy, route, realm)))
+            return later(lambda: manifests.answer(Pull(request, proxy, route, realm)))
         blobs = ctx.blobs
         if (
             blobs is not None
@@ -56,7 +61,7 @@ class RegistryResource(PullResource):
             and (request.method == b"GET" or blobs.holds(route.reference))
         ):
             # GETs go through the cache; a HEAD of a blob not held stays a HEAD upstream.
-            return answer_later(request, lambda: blobs.answer(Pull(request, proxy, route, realm)))
+            return later(lambda: blobs.answer(Pull(request, proxy, route, realm)))
 
         async def work() -> None:
             response = await proxy.pull(
@@ -65,4 +70,4 @@ class RegistryResource(PullResource):
             resumer = proxy.resumer(route, request.requestHeaders) if request.method == b"GET" else None
             relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm, resumer)
 
-        return answer_later(request, work)
+        return later(work)

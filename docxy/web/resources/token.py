@@ -53,9 +53,19 @@ class TokenResource(LeafResource):
     def _forward(
         self, request: DocxyRequest, method: bytes, form: list[tuple[str, str]] | None
     ) -> int:
+        if self.context.policy.limiter is None:
+            return self._admitted(request, method, form)
+
+        async def rated() -> None:
+            if await self.context.policy.admit_rate(request):
+                self._admitted(request, method, form)
+
+        return answer_later(request, rated)
+
+    def _admitted(
+        self, request: DocxyRequest, method: bytes, form: list[tuple[str, str]] | None
+    ) -> int:
         ctx = self.context
-        if not ctx.policy.admit_rate(request):
-            return NOT_DONE_YET
         query = query_pairs(request)
         scopes = [v for k, v in (query if form is None else form) if k == "scope"]
         refusal = _bad_scopes(scopes)
