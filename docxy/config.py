@@ -56,6 +56,7 @@ class Config:
     node_listen: str | None = None  # strports: where peers reach this node
     node_url: str | None = None  # the URL peers use for it
     lease_ttl: float = 5.0  # seconds a dead leader's lease outlives it
+    store_max_size: int | None = None  # the bucket's bound, kept by the cluster
     environ: tuple[tuple[str, str], ...] = ()  # AWS_* variables for the S3 credentials
 
     @property

@@ -143,6 +143,7 @@ def build_cluster(config: Config, reactor) -> ClusterParts:
             derive,
             read_cluster_secret,
         )
+        from docxy.cluster.state import SharedState
 
         try:
             secret = read_cluster_secret(config.cluster_secret)
@@ -154,6 +155,12 @@ def build_cluster(config: Config, reactor) -> ClusterParts:
         parts.members = Membership(parts.link, config.node_url, reactor)
         parts.peers = PeerClient(reactor, NodeAuth(derive(secret, "node-requests"), reactor))
         parts.secret = secret
+        parts.state = SharedState(parts.link)
+        if config.store_max_size and parts.bucket is not None:
+            from docxy.cluster.bound import SharedBound
+
+            parts.bound = SharedBound(parts.link, parts.bucket, parts.leases, reactor,
+                                      config.store_max_size, config.node_url)
     return parts
 
 
@@ -209,12 +216,17 @@ def build_cache(config: Config, reactor, proxies: dict[str, RegistryProxy],
     sources = None
     if parts is not None and (parts.bucket is not None or parts.leases is not None):
         sources = BlobSources(reactor, parts.bucket, parts.leases, parts.peers, parts.node_url)
+        sources.bound = parts.bound
     blobs = BlobCache(store, reactor, config.idle_timeout, threaded_fills,
                       accel_redirect=config.accel_redirect, sources=sources)
     manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout,
                               bucket=parts.bucket if parts is not None else None)
     for name, proxy in proxies.items():
         proxy.access.remember_in(store.root / "access" / cache_key(name))
+        if parts is not None and parts.state is not None:
+            proxy.access.shared = parts.state
+    if parts is not None:
+        manifests.shared = parts.state
     manifests.restore_links(proxies)
     return blobs, manifests
 
@@ -232,6 +244,8 @@ def build_service(config: Config, reactor) -> service.MultiService:
     metrics = Metrics()
     proxies, clients = _proxies(config, reactor, metrics)
     parts = build_cluster(config, reactor)
+    for proxy in proxies.values():
+        proxy.auth.shared = parts.state  # mirror-mode tokens: one request per cluster
     blobs = manifests = None
     if config.cache_dir:
         blobs, manifests = build_cache(config, reactor, proxies, parts=parts)

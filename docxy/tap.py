@@ -77,14 +77,14 @@ def default_cache_dir(env: dict[str, str]) -> str:
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--cache-max-size") -> int:
     """`123`, `500M`, `20G`, `1.5T` (powers of 1024; a trailing B or iB is allowed)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if match is None:
-        raise usage.UsageError(f"--cache-max-size: cannot read a size from {text!r}")
+        raise usage.UsageError(f"{option}: cannot read a size from {text!r}")
     value = float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
     if value < 1:
-        raise usage.UsageError("--cache-max-size must be positive")
+        raise usage.UsageError(f"{option} must be positive")
     return int(value)
 
 
@@ -201,6 +201,9 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
          "from this one, e.g. tcp:5001:interface=10.0.0.5. [DOCXY_NODE_LISTEN]"],
         ["node-url", None, None, "The URL the other nodes reach --node-listen at, e.g. "
          "http://10.0.0.5:5001. [DOCXY_NODE_URL]"],
+        ["store-max-size", None, None, "Bound the shared store (with --cluster): least "
+         "recently used blobs across all nodes leave the bucket first; a size as for "
+         "--cache-max-size. [DOCXY_STORE_MAX_SIZE]"],
         ["lease-ttl", None, 5.0, "Seconds a download's lease outlives a node that died "
          "holding it (renewed every third of it). [DOCXY_LEASE_TTL]", float],
     ]
@@ -241,6 +244,7 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         "node-listen": ("DOCXY_NODE_LISTEN",),
         "node-url": ("DOCXY_NODE_URL",),
         "lease-ttl": ("DOCXY_LEASE_TTL",),
+        "store-max-size": ("DOCXY_STORE_MAX_SIZE",),
     }
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -455,6 +459,11 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         if not self["lease-ttl"] >= 1:
             raise usage.UsageError("--lease-ttl must be at least 1 second")
         values["s3_region"] = values["s3_region"] or "us-east-1"
+        bound = self["store-max-size"] or from_file.get("store_max_size")
+        if bound and not (values["store"] and values["cluster"]):
+            raise usage.UsageError("--store-max-size needs --store and --cluster: the nodes "
+                                   "keep the bucket's least-recently-used order in Redis")
+        values["store_max_size"] = parse_size(bound, "--store-max-size") if bound else None
         return values
 
     def config(self) -> Config:

@@ -222,13 +222,21 @@ class BlobCache:
             return
         handle.close()
 
-        def uploaded(_):
+        def uploaded(stored):
             self.store.release(fill.digest)
             self._release(lease)
+            if stored is True:
+                self._used(fill.digest, fill.received)
 
         d = defer.ensureDeferred(bucket.upload_blob(fill.digest, str(path), fill.received))
         d.addErrback(lambda f: log.failure("uploading {digest} failed", f, digest=fill.digest))
         d.addBoth(uploaded)
+
+    def _used(self, digest: str, size: int) -> None:
+        """A stored blob was used: the cluster's least-recently-used order hears of it."""
+        bound = self._sources.bound if self._sources is not None else None
+        if bound is not None:
+            bound.touch(digest, size)
 
     def serve_peer(self, request, digest: str) -> int:
         """A peer node asks for a blob: streamed from the download running here or from
@@ -347,6 +355,9 @@ class BlobCache:
             release()
             request.finish()
             return True
+
+        if fill is None:
+            self._used(digest, size)
 
         def closed(follower: Follower) -> None:
             release()

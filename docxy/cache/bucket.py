@@ -106,6 +106,16 @@ class Bucket:
         log.info("stored {digest} in the bucket ({size} bytes)", digest=digest, size=size)
         return True
 
+    async def delete_blob(self, digest: str) -> bool:
+        """Remove a blob (the shared bound's sweep); False when the bucket said no."""
+        try:
+            await self.client.delete(self.blob_key(digest))
+        except S3Error as e:
+            self._failed(f"DELETE {digest}", e)
+            return False
+        self._worked()
+        return True
+
     # --- manifests and tags ---------------------------------------------------------------
     async def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         document = {"media_type": media_type, "body": base64.b64encode(body).decode("ascii")}

@@ -42,6 +42,7 @@ MAX_MANIFEST = 4 * 1024 * 1024  # distribution's own limit
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 MAX_EXPECTED_TAGS = 10_000  # tags resolved by HEAD whose manifest has not been fetched yet
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
+SHARED_TAG_TTL = 30 * 86400.0  # seconds Redis keeps a tag's entry (stale serving needs old ones)
 
 
 class TokenServiceDown(UpstreamError):
@@ -137,6 +138,7 @@ class ManifestCache:
     ) -> None:
         self.store = store
         self._bucket = bucket  # the shared store behind the local disk (--store), or None
+        self.shared = None  # docxy.cluster.state.SharedState: tags as every node last saw them
         self._reactor = reactor
         self._tag_ttl = tag_ttl
         self._idle_timeout = idle_timeout
@@ -174,6 +176,9 @@ class ManifestCache:
 
     def _remember_tag(self, upstream: str, name: str, tag: str, digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
+        if self.shared is not None:
+            self.shared.remember("tag", f"{cache_key(upstream)}|{name}|{tag}", entry,
+                                 ttl=SHARED_TAG_TTL)
         if self._bucket is not None:
             known = self.tag(upstream, name, tag)
             if known is None or known.digest != digest:
@@ -220,10 +225,12 @@ class ManifestCache:
     async def _from_bucket(self, digest: str) -> bool:
         """Bring a manifest the local disk lacks from the bucket; True when it is stored
         here now.  Its digest is checked again: the bucket is trusted with nothing."""
-        if self._bucket is None or not is_valid_digest(digest):
+        if not is_valid_digest(digest):
             return False
         if self.store.has(digest):
             return True
+        if self._bucket is None:
+            return False
         found = await self._bucket.get_manifest(digest)
         if found is None:
             return False
@@ -234,11 +241,31 @@ class ManifestCache:
             return False
         return self._put(digest, body, media_type, share=False)
 
-    async def _shared_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
+    async def _known_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
+        """What the tag points at as far as the cluster knows: this node's own entry, or
+        a newer one another node checked (Redis), or, for a tag this node never saw, the
+        bucket's; the manifest it names is brought from the bucket if need be."""
+        entry = self.tag(upstream, name, tag)
+        if self.shared is not None:
+            data = await self.shared.lookup("tag", f"{cache_key(upstream)}|{name}|{tag}")
+            found = await self._usable_entry(upstream, name, tag, data)
+            if found is not None and (entry is None or found.checked > entry.checked):
+                return found
+        if entry is None:
+            return await self._bucket_tag(upstream, name, tag)
+        if not self.store.has(entry.digest):
+            await self._from_bucket(entry.digest)
+        return entry
+
+    async def _bucket_tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
         """A tag this node has not seen, as another node stored it in the bucket."""
         if self._bucket is None:
             return None
         data = await self._bucket.get_tag(cache_key(upstream), name, tag)
+        return await self._usable_entry(upstream, name, tag, data)
+
+    async def _usable_entry(self, upstream: str, name: str, tag: str, data) -> TagEntry | None:
+        """A tag entry another node wrote, kept here if its manifest can be had."""
         try:
             entry = TagEntry(data["digest"], data["media_type"], float(data["checked"]))
         except (TypeError, KeyError, ValueError):
@@ -331,11 +358,7 @@ class ManifestCache:
         request, proxy, route, realm = pull
         name = upstream_name(route.name, proxy.library)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
-        entry = self.tag(proxy.name, name, route.reference)
-        if entry is None:
-            entry = await self._shared_tag(proxy.name, name, route.reference)
-        elif not self.store.has(entry.digest):
-            await self._from_bucket(entry.digest)
+        entry = await self._known_tag(proxy.name, name, route.reference)
         usable = entry is not None and self.store.has(entry.digest) and accepts(accept, entry.media_type)
         now = self._reactor.seconds()
         if usable and self._tag_ttl > 0 and now - entry.checked < self._tag_ttl:

@@ -64,6 +64,7 @@ class BlobSources:
         self.peers = peers
         self.node_url = node_url
         self._give_up = give_up
+        self.bound = None  # docxy.cluster.bound.SharedBound: the bucket's LRU across nodes
         self.takeovers = 0  # leases taken from a node that stopped renewing (metrics)
         self.degraded = 0  # downloads led without a lease because Redis did not answer
 

@@ -23,6 +23,8 @@ class ClusterParts:
     peers: object | None = None  # docxy.cluster.peers.PeerClient
     node_url: str | None = None
     secret: bytes | None = None  # the cluster secret (keys are derived from it)
+    state: object | None = None  # docxy.cluster.state.SharedState: tags, access, tokens
+    bound: object | None = None  # docxy.cluster.bound.SharedBound (--store-max-size)
 
 
 class ClusterService(service.Service):
@@ -37,6 +39,8 @@ class ClusterService(service.Service):
             parts.link.start()
         if parts.members is not None:
             parts.members.start()
+        if parts.bound is not None:
+            parts.bound.start()
         if parts.s3 is not None:
             self._making_bucket = defer.ensureDeferred(self._make_bucket())
 
@@ -56,6 +60,10 @@ class ClusterService(service.Service):
         parts = self.parts
         if self._making_bucket is not None and not self._making_bucket.called:
             self._making_bucket.cancel()
+        if parts.bound is not None:
+            parts.bound.stop()
+        if parts.leases is not None:
+            parts.leases.stop()  # what is held expires; a restarted node resumes nothing
         if parts.members is not None:
             await parts.members.stop()
         if parts.link is not None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from docxy.cluster.link import RedisLink
+from docxy.cluster.link import ClusterUnavailable, RedisLink
 
 log = Logger()
 
@@ -46,3 +47,19 @@ class SharedState:
 
     async def delete(self, namespace: str, key: str) -> None:
         await self._link.call("DEL", self.key(namespace, key))
+
+    # --- for callers that work without it ---------------------------------------------
+    async def lookup(self, namespace: str, key: str) -> dict | None:
+        """Like `get`, but None while Redis does not answer: a node without Redis knows
+        only what it learned itself."""
+        try:
+            return await self.get(namespace, key)
+        except ClusterUnavailable:
+            return None
+
+    def remember(self, namespace: str, key: str, value: dict, ttl: float | None = None) -> None:
+        """`put` in the background; while Redis does not answer the entry stays this
+        node's alone."""
+        d = defer.ensureDeferred(self.put(namespace, key, value, ttl))
+        d.addErrback(lambda f: f.trap(ClusterUnavailable))
+        d.addErrback(lambda f: log.failure("could not share {ns}:{key}", f, ns=namespace, key=key))

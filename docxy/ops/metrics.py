@@ -204,6 +204,15 @@ class ClusterCollector:
                                       "shared store that failed", value=bucket.upload_failures)
             yield CounterMetricFamily("docxy_store_read_bytes", "Blob bytes this node "
                                       "downloaded from the shared store", value=stats.bytes_from_bucket)
+        if parts.bound is not None:
+            bound = parts.bound
+            yield GaugeMetricFamily("docxy_store_max_size_bytes", "The shared store's bound "
+                                    "(--store-max-size)", value=bound.max_size)
+            yield CounterMetricFamily("docxy_store_evictions", "Blobs this node removed from "
+                                      "the shared store to keep its bound", value=bound.evictions)
+            if bound.total is not None:
+                yield GaugeMetricFamily("docxy_store_size_bytes", "Bytes of blobs in the shared "
+                                        "store at this node's last sweep", value=bound.total)
         if parts.link is not None:
             link = parts.link
             yield GaugeMetricFamily("docxy_cluster_redis_up", "1 while Redis answers, 0 while "

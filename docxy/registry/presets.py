@@ -119,7 +119,7 @@ _BOOL_KEYS = ("library", "mirror_mode")
 _LIST_KEYS = ("repositories", "deny_repositories", "names", "prefixes", "hosts")
 # Daemon options a file may set too (the command line and DOCXY_* win): the cluster's.
 FILE_OPTIONS = ("store", "s3_endpoint", "s3_credentials", "s3_region", "cluster",
-                "cluster_secret", "node_listen", "node_url")
+                "cluster_secret", "node_listen", "node_url", "store_max_size")
 _TOP_KEYS = ("default", "upstream") + FILE_OPTIONS
 
 

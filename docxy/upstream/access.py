@@ -6,10 +6,12 @@ token; otherwise the upstream is asked once per credential and repository with a
 its yes is remembered until the token expires.  A digest is served only through
 repositories the upstream holds it in, so a public repository's path cannot be used to
 read a private repository's blob.  While the upstream cannot be asked, only an earlier yes
-counts.  In mirror mode the mirror's own account decides.
+counts.  In mirror mode the mirror's own account decides.  In a cluster every yes (and
+every digest link) is shared through Redis, so one node's question answers every node's.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from twisted.internet import defer
@@ -31,6 +33,14 @@ MAX_ACCESS_TTL = 3600.0
 PUBLIC_TTL = 3600.0
 _YES = frozenset({200, 301, 302, 303, 307, 308})
 _MAX_ENTRIES = 100_000
+
+
+SHARED_TTL = 30 * 86400.0  # seconds the cluster keeps what one node learned
+
+
+def _hashed(credential: bytes) -> str:
+    """A credential as the cluster's shared state names it: never the secret itself."""
+    return hashlib.sha256(credential).hexdigest()[:32]
 
 
 def _bounded_put(table: dict, key, value, limit: int = _MAX_ENTRIES) -> None:
@@ -55,6 +65,8 @@ class AccessGate:
         self._probed: dict[str, float] = {}
         # (repository, digest) the upstream is known to hold
         self._links: dict[tuple[str, str], bool] = {}
+        # docxy.cluster.state.SharedState: what the other nodes of a cluster learned
+        self.shared = None
 
     def _credential(self, client_headers: Headers) -> bytes:
         if self._proxy.mirror_mode:
@@ -84,6 +96,7 @@ class AccessGate:
     def _note_public(self, name: str, until: float) -> None:
         known = name in self._public
         self._public[name] = until
+        self._share("public", name, {"until": until})
         if not known:
             self._keep(name)
 
@@ -116,8 +129,9 @@ class AccessGate:
         expiry = None if self._proxy.mirror_mode else bearer_expiry(credential)
         if self._proxy.mirror_mode and (credential, name) not in self._access:
             self._keep(name)
-        _bounded_put(self._access, (credential, name),
-                     min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL))
+        until = min(expiry or now + DEFAULT_ACCESS_TTL, now + MAX_ACCESS_TTL)
+        _bounded_put(self._access, (credential, name), until)
+        self._share("allowed", f"{_hashed(credential)}|{name}", {"until": until})
         self.note_link(route)
 
     def note_link(self, route: Route) -> None:
@@ -126,10 +140,42 @@ class AccessGate:
         be used to read a private repository's blob by its digest."""
         if route.is_digest:
             name = upstream_name(route.name, self._proxy.library)
+            if (name, route.reference) not in self._links:
+                self._share("link", f"{name}@{route.reference}", {})
             _bounded_put(self._links, (name, route.reference), True)
 
     def _linked(self, route: Route, name: str) -> bool:
         return not route.is_digest or (name, route.reference) in self._links
+
+    # --- shared with the other nodes of a cluster -------------------------------------------
+    def _share(self, kind: str, key: str, value: dict) -> None:
+        """Tell the other nodes (kept SHARED_TTL: an earlier yes outlives its freshness,
+        as the `access/` file does, for serving during an outage)."""
+        if self.shared is not None:
+            self.shared.remember(f"access-{kind}", f"{self._proxy.name}|{key}", value,
+                                 ttl=SHARED_TTL)
+
+    async def _shared(self, kind: str, key: str) -> dict | None:
+        if self.shared is None:
+            return None
+        return await self.shared.lookup(f"access-{kind}", f"{self._proxy.name}|{key}")
+
+    async def _learn_shared(self, route: Route, name: str, credential: bytes) -> None:
+        """What another node learned of this repository (and digest, and credential) is
+        taken as learned here: the upstream is asked once for the whole cluster."""
+        if self.shared is None:
+            return
+        if not self._linked(route, name) and \
+                await self._shared("link", f"{name}@{route.reference}") is not None:
+            _bounded_put(self._links, (name, route.reference), True)
+        if name not in self._public:
+            public = await self._shared("public", name)
+            if public is not None and isinstance(public.get("until"), (int, float)):
+                self._public[name] = float(public["until"])
+        if (credential, name) not in self._access:
+            allowed = await self._shared("allowed", f"{_hashed(credential)}|{name}")
+            if allowed is not None and isinstance(allowed.get("until"), (int, float)):
+                _bounded_put(self._access, (credential, name), float(allowed["until"]))
 
     def was_allowed(self, route: Route, client_headers: Headers) -> bool:
         """Whether the upstream ever said yes to this client (or to anyone) for this
@@ -148,6 +194,8 @@ class AccessGate:
         with a HEAD, and its yes is remembered until the token expires.  A digest not yet
         known to be in the repository is always asked about.  While the upstream cannot
         be asked, an earlier yes stands."""
+        name = upstream_name(route.name, self._proxy.library)
+        await self._learn_shared(route, name, self._credential(client_headers))
         try:
             return await self._check_access(route, client_headers)
         except UpstreamError:

@@ -158,6 +158,7 @@ class UpstreamAuth:
         self._credentials = credentials
         self._endpoint: AuthEndpoint | None = None
         self._tokens: dict[str, tuple[str, float]] = {}
+        self.shared = None  # docxy.cluster.state.SharedState: tokens every node may use
         self._flights = SingleFlight()
         self._down_until: float | None = None  # the token service failed; believed down till
         self._up_until = 0.0  # the token service answered; believed up till
@@ -256,7 +257,23 @@ class UpstreamAuth:
         cached = self._tokens.get(scope)
         if cached is not None and cached[1] > self._reactor.seconds():
             return cached[0]
-        return await self._flights.run(("token", scope), lambda: self._fetch_token(scope))
+        return await self._flights.run(("token", scope), lambda: self._shared_or_fetched(scope))
+
+    def _shared_key(self, scope: str) -> str:
+        account = self._credentials[0] if self._credentials else ""
+        return f"{self._upstream.name}|{account}|{scope}"
+
+    async def _shared_or_fetched(self, scope: str) -> str | None:
+        """In a cluster a token another node fetched for the same account and scope is
+        used until it expires: one token request for the whole cluster."""
+        if self.shared is not None:
+            found = await self.shared.lookup("upstream-token", self._shared_key(scope))
+            if found and isinstance(found.get("token"), str) and \
+                    isinstance(found.get("until"), (int, float)) and \
+                    found["until"] > self._reactor.seconds():
+                self._tokens[scope] = (found["token"], float(found["until"]))
+                return found["token"]
+        return await self._fetch_token(scope)
 
     async def _fetch_token(self, scope: str) -> str | None:
         endpoint = await self.endpoint()
@@ -283,5 +300,9 @@ class UpstreamAuth:
             raise UpstreamError(502, "UNKNOWN", "the upstream token service answered nonsense")
         token, expires = parsed
         lifetime = max(expires - EXPIRY_MARGIN, 1)
-        self._tokens[scope] = (token, self._reactor.seconds() + lifetime)
+        until = self._reactor.seconds() + lifetime
+        self._tokens[scope] = (token, until)
+        if self.shared is not None:
+            self.shared.remember("upstream-token", self._shared_key(scope),
+                                 {"token": token, "until": until}, ttl=lifetime)
         return token
