@@ -52,7 +52,12 @@ from harness.cluster import Cluster  # noqa: E402
 from harness.daemon import cached_blob  # noqa: E402
 from harness.procs import ManagedProcess, free_port, wait_for_port  # noqa: E402
 from harness.redisd import RedisServer  # noqa: E402
-from harness.registry import ProxySettings, Registry, RegistrySettings, registry_config  # noqa: E402
+from harness.registry import (  # noqa: E402
+    ProxySettings,
+    Registry,
+    RegistrySettings,
+    registry_config,
+)
 
 ALL_PARTS = ("cold", "warm", "failover")
 NODES = 3
@@ -143,6 +148,10 @@ def pull(base_url: str, path: str, headers: dict[str, str], timeout: float,
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"pull took more than {timeout:.0f}s")
         result["sha256"] = "sha256:" + h.hexdigest()
+        length = r.getheader("Content-Length")
+        if length is not None and int(length) != n:
+            # read1 returns b"" when the server goes away mid-body, without raising
+            result["error"] = f"IncompleteRead: {n} of {length} bytes"
     except Exception as e:  # noqa: BLE001 - every failure is reported per client
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -805,10 +814,10 @@ def render_cold(results: dict) -> str:
                      str(x["wall_s"]), c.fmt_spread(x["client_mb_per_s"]),
                      str(x["aggregate_mb_per_s"]),
                      " / ".join(str(v) for v in x["peak_rss_mb"]),
-                     " / ".join(str(v) for v in x["cpu_s"])])
+                     " / ".join(str(v) for v in x["cpu_s"]), "yes" if x["stored"] else "NO"])
     t = c.table(["round", "system", "clients ok", "upstream bytes", "bytes / blob",
                  "CDN GETs", "wall s", "MB/s per client median (min–max)", "aggregate MB/s",
-                 "peak RSS MB per node", "CPU s per node"], rows)
+                 "peak RSS MB per node", "CPU s per node", "stored"], rows)
     dist = cd["distribution_driver"]
     if dist is None:
         dist_note = "The distribution registries were skipped (`--no-distribution`).\n"
@@ -821,7 +830,11 @@ def render_cold(results: dict) -> str:
         dist_note = ("The three distribution registries share one fresh bucket of the same "
                      "RGW (`storage: s3` with `regionendpoint` = the RGW, `v4auth`, "
                      f"`secure: false`, `rootdirectory: {DIST_ROOT}`, `redirect: disable` so "
-                     "they serve the bytes themselves as docxy does).\n")
+                     "they serve the bytes themselves as docxy does). They run with "
+                     "`AWS_CA_BUNDLE` set empty: with it set (this machine sets it to the "
+                     "system CA file) distribution 2.8's S3 driver panics at start, "
+                     "`LoadCustomCABundleError: unable to load custom CA bundle, "
+                     "HTTPClient's transport unsupported type`.\n")
     dx = [x for x in cd["rounds"] if x["system"] == "docxy"]
     extra = "; ".join(f"round {x['round'] + 1}: bucket uploads {x['store_uploads']:.0f}, "
                       f"peer bytes {x['peer_bytes'] / max(results['blob_bytes'], 1):.2f} × blob, "
@@ -836,7 +849,10 @@ def render_cold(results: dict) -> str:
             f"Then the same load on three distribution registries in proxy mode (logging in "
             f"upstream as the harness user), {cd['clients_per_node']} clients each. Upstream "
             f"bytes = the CDN's `$body_bytes_sent` for the blob once the blob is stored and the "
-            f"CDN's log is quiet for 3 s. Order alternated every round.\n\n{dist_note}\n{t}\n"
+            f"CDN's log is quiet for 3 s. \"stored\": the blob is in the bucket (docxy: "
+            f"`docxy_store_uploads_total` ≥ 1 and nothing in flight on any node; distribution: "
+            f"its `data` object has the full size). Order alternated every round.\n\n"
+            f"{dist_note}\n{t}\n"
             f"docxy: {extra}.\n\n"
             f"- docxy cluster, upstream bytes / blob: {c.fmt_spread(cd['docxy_bytes_ratio'])} "
             f"(target {cd['target_bytes_ratio']}: {verdict(cd['met'])}); MB/s per client, all "

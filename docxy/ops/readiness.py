@@ -96,8 +96,11 @@ class Readiness:
         results = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self._upstream(self._proxies[n])) for n in names]
         )
+        cluster = cluster_check(self._cluster)
+        if cluster is not None and self._cluster.members is not None:
+            cluster["members"] = await self._cluster.members.members()
         report = readiness_report(dict(zip(names, results)), cache_check(self._cache_dir),
-                                  cluster_check(self._cluster))
+                                  cluster)
         self._last = (self._reactor.seconds(), report)
         return report
 

@@ -71,6 +71,22 @@ def _metric(node, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def _bucket_has(cluster, digest: str) -> bool:
+    """Whether the cluster's bucket holds the blob (asked with botocore, not docxy)."""
+    import botocore.session
+    from botocore.exceptions import ClientError
+
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=cluster.rgw.endpoint, region_name="us-east-1",
+        aws_access_key_id=cluster.rgw.access_key, aws_secret_access_key=cluster.rgw.secret_key)
+    key = f"{cluster.prefix}/blobs/sha256/{digest.split(':')[1]}"
+    try:
+        s3.head_object(Bucket=cluster.bucket, Key=key)
+        return True
+    except ClientError:
+        return False
+
+
 def _large_layer(upstream):
     return max(upstream.images.large.manifest.layers, key=lambda b: b.size)
 
@@ -107,6 +123,31 @@ def test_thirty_cold_pulls_over_three_nodes_make_one_upstream_download(upstream,
     # The leader put it in the bucket; the followers streamed it from the leader.
     poll_until(lambda: sum(_metric(n, "docxy_store_uploads_total") for n in nodes) >= 1, 30)
     assert sum(_metric(n, "docxy_cluster_peer_bytes_total") for n in nodes) >= 2 * layer.size
+    ready = json.loads(_get(f"{nodes[1].url}/ready")[2])
+    assert ready["cluster"]["members"] == sorted(f"http://127.0.0.1:{p}" for p in cluster.node_ports)
+
+
+def test_a_corrupt_upstream_blob_never_enters_the_bucket(upstream, cluster):
+    """The CDN sends wrong bytes: the client's connection is aborted and the bucket gets
+    nothing; once the CDN is right again the blob is pulled whole and stored."""
+    layer = upstream.images.alpine.manifest.layers[0]
+    node = cluster.nodes[0]
+    url = f"{node.url}/v2/library/alpine/blobs/{layer.digest}"
+    token = _token(node.url, "library/alpine")
+    upstream.restart_cdn("corrupt")
+    try:
+        out: dict = {}
+        _pull_blob(url, token, out)
+        assert out.get("digest") != layer.digest
+        assert _metric(node, "docxy_cache_digest_mismatches_total") == 1
+    finally:
+        upstream.restart_cdn("ok")
+    assert _metric(node, "docxy_store_uploads_total") == 0
+    assert not _bucket_has(cluster, layer.digest)
+    out = {}
+    _pull_blob(url, token, out)
+    assert out.get("digest") == layer.digest
+    poll_until(lambda: _bucket_has(cluster, layer.digest), 30)
 
 
 def test_leader_killed_mid_download_followers_complete(upstream, cluster):
