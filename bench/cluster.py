@@ -102,8 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--layer-cache", type=Path, default=None,
                    help="build the large layer here and keep it for the next run (default: "
                         "in the scratch directory, removed afterwards)")
-    c.add_common_options(p, f"cluster-{utc_date()}")
+    default_name = f"cluster-{utc_date()}"
+    c.add_common_options(p, default_name)
     args = p.parse_args(argv)
+    args.default_results_name = default_name
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in args.parts if x not in ALL_PARTS]
     if bad or not args.parts:
@@ -770,7 +772,7 @@ def run(args) -> dict:
     info = c.machine_info()
     info["redis"] = c._cmd_version(["redis-server", "--version"])
     info["ceph"] = c._cmd_version(["radosgw", "--version"])
-    results: dict = {"benchmark": args.results_name, "machine": info, "parts": args.parts,
+    results: dict = {"benchmark": args.default_results_name, "machine": info, "parts": args.parts,
                      "size_mib": args.size_mb, "rounds": args.rounds,
                      "clients_per_node": args.clients_per_node, "slow_rate": args.slow_rate,
                      "kill_after_mb": args.kill_after_mb,
