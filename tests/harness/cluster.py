@@ -20,7 +20,9 @@ _DATABASES = itertools.count(1)  # one Redis database per cluster of the session
 
 class Cluster:
     def __init__(self, workdir: Path, upstream, rgw, redis, count: int = 3,
-                 extra: Sequence[str] = (), tls: tuple[Path, Path] | None = None) -> None:
+                 extra: Sequence[str] = (), tls: tuple[Path, Path] | None = None,
+                 coordinated: bool = True) -> None:
+        """`coordinated` False: the nodes share the bucket but no Redis (no --cluster)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.upstream = upstream
@@ -35,6 +37,7 @@ class Cluster:
         self.credentials = rgw.credentials_file(self.workdir / "s3-credentials")
         self.extra = list(extra)
         self.tls = tls
+        self.coordinated = coordinated
         self.node_ports = [free_port() for _ in range(count)]
         self.nodes: list[Docxy] = [self._node(i) for i in range(count)]
 
@@ -44,16 +47,19 @@ class Cluster:
 
     def node_args(self, index: int) -> list[str]:
         port = self.node_ports[index]
+        cluster = [
+            "--cluster", self.redis_url,
+            "--cluster-secret", str(self.secret_path),
+            "--node-listen", f"tcp:{port}:interface=127.0.0.1",
+            "--node-url", f"http://127.0.0.1:{port}",
+        ] if self.coordinated else []
         return mirror_args(
             self.upstream,
             "--cache-dir", str(self.cache_dir(index)),
             "--store", f"s3://{self.bucket}/{self.prefix}",
             "--s3-endpoint", self.rgw.endpoint,
             "--s3-credentials", str(self.credentials),
-            "--cluster", self.redis_url,
-            "--cluster-secret", str(self.secret_path),
-            "--node-listen", f"tcp:{port}:interface=127.0.0.1",
-            "--node-url", f"http://127.0.0.1:{port}",
+            *cluster,
             *self.extra,
         )
 

@@ -212,6 +212,27 @@ def test_nodes_restarted_with_empty_disks_serve_from_the_bucket(upstream, cluste
     assert sum(_metric(n, "docxy_store_read_bytes_total") for n in nodes) > 0
 
 
+def test_nodes_sharing_only_the_bucket_serve_each_others_blobs(upstream, rgw, tmp_path, short_tmp):
+    """Without --cluster two nodes share the bucket and nothing else: an image pulled
+    through node A is served to a client of node B (its own disk empty) with no blob
+    from the CDN, and neither node names Redis in /ready."""
+    image = upstream.images.nested
+    with Cluster(tmp_path / "pair", upstream, rgw, None, count=2, coordinated=False) as pair:
+        a, b = pair.nodes
+        with Skopeo(short_tmp / "a", tls_verify=False) as skopeo:
+            assert skopeo.copy(f"{a.host}/{image.ref}").digest == image.digest
+        poll_until(lambda: _metric(a, "docxy_store_uploads_total") >= len(image.blobs), 30)
+        before = len(upstream.cdn_log_entries())
+        with Skopeo(short_tmp / "b", tls_verify=False) as skopeo:
+            assert skopeo.copy(f"{b.host}/{image.ref}").digest == image.digest
+        hexes = [blob.digest.split(":")[1] for blob in image.blobs]
+        assert [e for e in upstream.cdn_log_entries()[before:]
+                if any(h in e["uri"] for h in hexes)] == []
+        assert _metric(b, "docxy_store_read_bytes_total") > 0
+        ready = json.loads(_get(f"{b.url}/ready")[2])
+        assert "redis" not in ready["cluster"] and ready["cluster"]["store"]["up"] is True
+
+
 USER, PASSWORD = "carol", "mirror-password"
 
 
