@@ -30,6 +30,7 @@ from docxy.web.pull import Pull
 
 log = Logger()
 
+MAX_UNSHARED = 10_000  # blobs remembered for upload while the bucket is unreachable
 DISK_RESERVE = 64 * 1024 * 1024  # free space a new blob must leave to the file system
 FULL_BACKOFF = 60.0  # seconds nothing new is cached after a write found the disk full
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -75,6 +76,10 @@ class BlobCache:
         self._starting = SingleFlight()  # by digest: the upstream asked for it right now
         self._sources = sources  # the bucket and the cluster (docxy.cache.sources), or None
         self._leases: dict = {}  # digest -> docxy.cluster.leases.Lease of a download led here
+        # verified blobs led here whose upload failed: put in the bucket when it is back
+        self._unshared: dict[str, int] = {}
+        if sources is not None and sources.bucket is not None:
+            sources.bucket.on_up.append(self._share_pending)
 
     @property
     def sources(self) -> BlobSources | None:
@@ -215,22 +220,50 @@ class BlobCache:
         if not (fill.committed and bucket is not None and fill.source is Source.UPSTREAM):
             self._release(lease)
             return
-        handle = self.store.acquire(fill.digest)  # kept from eviction until uploaded
-        path = self.store.local_path(fill.digest)
+        self._upload(fill.digest, fill.received).addBoth(lambda _: self._release(lease))
+
+    def _upload(self, digest: str, size: int) -> defer.Deferred:
+        """Put a stored blob in the bucket (kept from eviction meanwhile); one that fails is
+        tried again when the bucket answers again."""
+        bucket = self._sources.bucket
+        handle = self.store.acquire(digest)
+        path = self.store.local_path(digest)
         if handle is None or path is None:
-            self._release(lease)
-            return
+            return defer.succeed(False)
         handle.close()
 
         def uploaded(stored):
-            self.store.release(fill.digest)
-            self._release(lease)
+            self.store.release(digest)
             if stored is True:
-                self._used(fill.digest, fill.received)
+                self._used(digest, size)
+            else:
+                self._unshared.pop(digest, None)
+                if len(self._unshared) >= MAX_UNSHARED:
+                    self._unshared.pop(next(iter(self._unshared)))
+                self._unshared[digest] = size
+            return stored
 
-        d = defer.ensureDeferred(bucket.upload_blob(fill.digest, str(path), fill.received))
-        d.addErrback(lambda f: log.failure("uploading {digest} failed", f, digest=fill.digest))
-        d.addBoth(uploaded)
+        d = defer.ensureDeferred(bucket.upload_blob(digest, str(path), size))
+        d.addErrback(lambda f: log.failure("uploading {digest} failed", f, digest=digest))
+        return d.addBoth(uploaded)
+
+    def _share_pending(self) -> None:
+        """The bucket answers again: upload, one after the other, what it missed."""
+        pending, self._unshared = self._unshared, {}
+        if pending:
+            log.info("the bucket is back: uploading {n} blobs it missed", n=len(pending))
+
+        async def upload_all() -> None:
+            waiting = list(pending.items())
+            while waiting:
+                digest, size = waiting.pop(0)
+                if self.store.has(digest) and not await self._upload(digest, size):
+                    for rest in waiting:  # down again: the rest waits for the next time
+                        self._unshared.setdefault(*rest)
+                    return
+
+        defer.ensureDeferred(upload_all()).addErrback(
+            lambda f: log.failure("uploading the blobs the bucket missed failed", f))
 
     def _used(self, digest: str, size: int) -> None:
         """A stored blob was used: the cluster's least-recently-used order hears of it."""

@@ -6,13 +6,14 @@ through a verifying download again (docxy.cache.fill), so nothing corrupt is ser
 Keys under the prefix: `blobs/<algorithm>/<hex>`, `manifests/<algorithm>/<hex>.json` (the
 bytes and their media type) and `tags/<upstream>/<name>/<tag>.json`.  While the service
 cannot be reached the bucket counts as empty and `up` says why; it is asked again on the
-next request, so it comes back without a restart.
+next request and every few seconds, so it comes back without a restart.
 """
 from __future__ import annotations
 
 import base64
 import json
 
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
@@ -21,6 +22,7 @@ from docxy.s3.errors import S3Error, S3Unreachable
 log = Logger()
 
 MAX_SMALL = 8 * 1024 * 1024  # a manifest document (4 MiB) in base64 and JSON
+PROBE_EVERY = 5.0  # seconds between looks at a bucket counted as down
 
 
 class Bucket:
@@ -34,7 +36,8 @@ class Bucket:
         self.errors = 0  # requests that failed, for the metrics
         self.uploads = 0
         self.upload_failures = 0
-        self.bytes_read = 0  # blob bytes served from the bucket (counted by the cache)
+        self.on_up: list = []  # called (no arguments) when the bucket answers again
+        self._probe: task.LoopingCall | None = None
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -63,9 +66,38 @@ class Bucket:
             log.warn("bucket: {what} failed: {err}", what=what, err=str(error))
 
     def _worked(self) -> None:
-        if not self.up:
-            log.info("the bucket answers again")
+        if self.up:
+            return
+        log.info("the bucket answers again")
         self.up, self.why = True, ""
+        for callback in list(self.on_up):
+            callback()
+
+    def start(self) -> None:
+        """While the bucket is counted as down it is asked every PROBE_EVERY seconds, so
+        that it is seen back (and what it missed uploaded) without waiting for a miss."""
+        self._probe = task.LoopingCall(self._probe_once)
+        self._probe.clock = self._clock
+        self._probe.start(PROBE_EVERY, now=False)
+
+    def stop(self) -> None:
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
+
+    def _probe_once(self) -> defer.Deferred | None:
+        if self.up:
+            return None
+
+        async def probe() -> None:
+            try:
+                await self.client.ensure_bucket()  # made now if it could not be at start
+            except S3Error as e:
+                self.why = f"probe: {e}"
+            else:
+                self._worked()
+
+        return defer.ensureDeferred(probe()).addErrback(
+            lambda f: log.failure("probing the bucket failed", f))
 
     # --- blobs --------------------------------------------------------------------------
     async def blob_size(self, digest: str) -> int | None:

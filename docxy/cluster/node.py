@@ -43,6 +43,7 @@ class ClusterService(service.Service):
             parts.bound.start()
         if parts.s3 is not None:
             self._making_bucket = defer.ensureDeferred(self._make_bucket())
+            parts.bucket.start()
 
     async def _make_bucket(self) -> None:
         from docxy.s3.errors import S3Error
@@ -60,6 +61,8 @@ class ClusterService(service.Service):
         parts = self.parts
         if self._making_bucket is not None and not self._making_bucket.called:
             self._making_bucket.cancel()
+        if parts.bucket is not None:
+            parts.bucket.stop()
         if parts.bound is not None:
             parts.bound.stop()
         if parts.leases is not None:

@@ -279,7 +279,7 @@ def test_redis_then_bucket_go_away_and_come_back(upstream, tmp_path, short_tmp):
     """Redis stops: pulls go on (each node for itself), /ready says degraded and a metric
     counts it.  Then the bucket stops too: cached images still pull from the local disk
     and a new one is fetched upstream.  Both come back and the nodes use them again,
-    without a restart."""
+    without a restart, and the blobs fetched meanwhile are put in the bucket."""
     redis = RedisServer.start(tmp_path / "redis")
     rgw = Rgw.start(tmp_path / "rgw")
     try:
@@ -298,10 +298,13 @@ def test_redis_then_bucket_go_away_and_come_back(upstream, tmp_path, short_tmp):
             assert _metric(a, "docxy_cluster_redis_up") == 0
             assert _metric(a, "docxy_cluster_redis_errors_total") > 0
             rgw.stop_gateway()
+            fresh = upstream.images.paginated  # in neither node's disk, nor in the bucket
             with Skopeo(short_tmp / "s3", tls_verify=False) as skopeo:
                 assert skopeo.copy(f"{a.host}/{alpine.ref}").digest == alpine.digest
                 assert skopeo.copy(f"{b.host}/{nested.ref}").digest == nested.digest
+                assert skopeo.copy(f"{b.host}/{fresh.ref}").digest == fresh.digest
             assert _metric(b, "docxy_store_up") == 0
+            assert _metric(b, "docxy_store_upload_failures_total") >= 1
             redis.restart()
             rgw.start_gateway()
             poll_until(lambda: _metric(a, "docxy_cluster_redis_up") == 1, 15)
@@ -309,8 +312,12 @@ def test_redis_then_bucket_go_away_and_come_back(upstream, tmp_path, short_tmp):
                 image = upstream.images.namespaced
                 assert skopeo.copy(f"{a.host}/{image.ref}").digest == image.digest
             poll_until(lambda: _metric(a, "docxy_store_up") == 1, 15)
-            # A blob fetched once the bucket is back goes into it again.
+            # A blob fetched once the bucket is back goes into it again, and what node B
+            # fetched while it was away is put there once it answers.
             poll_until(lambda: _metric(a, "docxy_store_uploads_total") >= len(image.blobs), 30)
+            with Skopeo(short_tmp / "s5", tls_verify=False) as skopeo:
+                assert skopeo.copy(f"{b.host}/{alpine.ref}").digest == alpine.digest
+            poll_until(lambda: all(_bucket_has(cluster, blob.digest) for blob in fresh.blobs), 30)
             # /ready keeps a report for a few seconds: it says ready, not degraded, soon.
             poll_until(lambda: json.loads(_get(f"{a.url}/ready")[2])["status"] == "ready", 15)
             assert "degraded" not in json.loads(_get(f"{a.url}/ready")[2])["cluster"]
