@@ -243,6 +243,7 @@ def build_service(config: Config, reactor) -> service.MultiService:
     names = tuple(dict.fromkeys(own + tuple(h for u in config.upstreams for h in u.hosts)))
     metrics = Metrics()
     proxies, clients = _proxies(config, reactor, metrics)
+    metrics.watch_upstreams(proxies)
     parts = build_cluster(config, reactor)
     for proxy in proxies.values():
         proxy.auth.shared = parts.state  # mirror-mode tokens: one request per cluster

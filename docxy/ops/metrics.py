@@ -1,6 +1,7 @@
 """The daemon's Prometheus metrics: one registry per daemon (never the global one), built
 with the Context and served by `/metrics`.  Modules count through the `Metrics` object
-they are given; the cache's own counters are read at scrape time, never copied."""
+they are given; the cache's own counters and the token services' state are read at scrape
+time, never copied."""
 from __future__ import annotations
 
 import re
@@ -71,6 +72,13 @@ class Metrics:
             ["registry"],
             registry=self.registry,
         )
+        self.upstream_up = Gauge(
+            "docxy_upstream_up",
+            "1 when the last request to the registry got an answer (any status), 0 when it "
+            "got none (unreachable, timed out, connection failed); absent before the first",
+            ["registry"],
+            registry=self.registry,
+        )
         self.upstream_resumes = Counter(
             "docxy_upstream_resumes",
             "Cut or stalled upstream blob downloads asked again from the byte reached "
@@ -103,6 +111,7 @@ class Metrics:
         """An upstream's response headers arrived after `seconds`; `headers` are the
         response's (twisted Headers), read for the rate limit it reports."""
         self.upstream_seconds.labels(registry).observe(max(seconds, 0.0))
+        self.upstream_up.labels(registry).set(1)
         for name, gauge in ((b"ratelimit-remaining", self.ratelimit_remaining),
                             (b"ratelimit-limit", self.ratelimit_limit)):
             value = parse_ratelimit(headers.getRawHeaders(name, [None])[0])
@@ -111,9 +120,15 @@ class Metrics:
 
     def upstream_failed(self, registry: str) -> None:
         self.upstream_failures.labels(registry).inc()
+        self.upstream_up.labels(registry).set(0)
 
     def upstream_resumed(self, registry: str) -> None:
         self.upstream_resumes.labels(registry).inc()
+
+    def watch_upstreams(self, proxies: dict) -> None:
+        """Export each registry's token service state (docxy.upstream.auth), read at each
+        scrape; `proxies`: RegistryProxy by registry name."""
+        self.registry.register(UpstreamCollector(proxies))
 
     def watch_cluster(self, parts, blobs) -> None:
         """Export the shared store's and the cluster's state (docxy.cluster.node), if any."""
@@ -125,9 +140,26 @@ class Metrics:
         self.registry.register(CacheCollector(blobs, manifests))
 
 
+class UpstreamCollector:
+    """Whether each registry's token service is believed up, read when scraped (the
+    scrape runs in a thread: `token_service_down()` only reads attributes and the clock)."""
+
+    def __init__(self, proxies: dict) -> None:
+        self._proxies = proxies
+
+    def collect(self):
+        up = GaugeMetricFamily("docxy_upstream_token_service_up",
+                               "0 while the registry's token service is believed down (it "
+                               "failed within the last 30 s), 1 otherwise (also for a "
+                               "registry without one)", labels=["registry"])
+        for name, proxy in list(self._proxies.items()):
+            up.add_metric([name], 0 if proxy.auth.token_service_down() else 1)
+        yield up
+
+
 class CacheCollector:
     """The cache's own counters as Prometheus metrics, read when scraped (the scrape runs
-    in a thread: only plain attribute reads here, no I/O)."""
+    in a thread: only plain attribute reads here, and one statvfs of the cache directory)."""
 
     def __init__(self, blobs, manifests) -> None:
         self._blobs = blobs
@@ -177,6 +209,10 @@ class CacheCollector:
         yield gauge("docxy_cache_entries", "Blobs and manifests stored in the cache", len(store))
         if store.max_size is not None:
             yield gauge("docxy_cache_max_size_bytes", "The cache's size bound", store.max_size)
+        free = store.free_bytes()
+        if free is not None:
+            yield gauge("docxy_cache_free_bytes", "Free space on the cache directory's file "
+                        "system (for docxy's user)", free)
         yield gauge("docxy_upstream_fetches_in_flight",
                     "Blob downloads from upstreams into the cache running now", blobs.filling())
 

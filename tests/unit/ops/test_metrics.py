@@ -1,20 +1,25 @@
 """The metrics in memory: requests by endpoint and status, bytes by source, the cache's
-counters read at scrape time, upstream latency and rate limit, and where /metrics is served."""
+counters read at scrape time, upstream latency, reachability, rate limit and token service
+state, and where /metrics is served."""
 import hashlib
 
+import attrs
 import pytest
 from prometheus_client import generate_latest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
+from docxy.config import Config
 from docxy.ops.metrics import Metrics, parse_ratelimit
+from docxy.registry.presets import PRESETS
 from docxy.tap import Options, makeService
+from docxy.upstream.auth import TOKEN_SERVICE_RETRY
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.measured import MeasuredClient
 from docxy.web.site import DocxySite, metrics_resource_tree
 
-from ..fakes import Exchange, FakeResponse, FakeUpstream, hub_config, make_site
+from ..fakes import Exchange, FakeResponse, FakeUpstream, hub, hub_config, make_site
 
 
 def digest_of(data: bytes) -> str:
@@ -88,6 +93,8 @@ def test_cache_counters_and_bytes_by_source(tmp_path):
     assert sample(metrics, "docxy_sent_bytes_total", source="cache") == len(data)
     assert sample(metrics, "docxy_cache_filled_bytes_total") == len(data)
     assert sample(metrics, "docxy_upstream_fetches_in_flight") == 0
+    assert sample(metrics, "docxy_cache_free_bytes") == pytest.approx(
+        ctx.blobs.store.free_bytes(), rel=0.01)
     ctx.blobs.stats.digest_mismatches = 3
     ctx.manifests.stale = 2
     assert sample(metrics, "docxy_cache_digest_mismatches_total") == 3
@@ -121,6 +128,46 @@ def test_upstream_latency_and_ratelimit_are_recorded_per_registry():
     assert sample(metrics, "docxy_upstream_response_seconds_sum", registry="docker.io") == pytest.approx(0.3)
     assert sample(metrics, "docxy_upstream_ratelimit_remaining", registry="docker.io") == 76
     assert sample(metrics, "docxy_upstream_ratelimit_limit", registry="docker.io") == 100
+
+
+def test_upstream_up_follows_the_last_request():
+    """docxy_upstream_up is absent before a registry's first request, 0 after a request
+    that got no answer, 1 after one that got any answer (a 503 too)."""
+    clock, metrics = Clock(), Metrics()
+    answers = []
+    client = MeasuredClient(FakeUpstream(lambda m, u, h, b: answers.pop(0)), metrics,
+                            "quay.io", clock)
+    assert metrics.registry.get_sample_value("docxy_upstream_up", {"registry": "quay.io"}) is None
+    for answer, up in ((UpstreamError(504, "UNAVAILABLE", "upstream did not answer in time"), 0),
+                       (FakeResponse(503), 1),
+                       (UpstreamError(502, "UNAVAILABLE", "upstream unreachable"), 0),
+                       (FakeResponse(200), 1)):
+        answers.append(answer)
+        d = defer.ensureDeferred(client.request(b"GET", "https://r/v2/", Headers()))
+        d.addErrback(lambda _: None)
+        assert metrics.registry.get_sample_value("docxy_upstream_up", {"registry": "quay.io"}) == up
+
+
+def test_token_service_up_is_read_at_scrape_time():
+    """docxy_upstream_token_service_up is 1 for every registry until its token service
+    fails, 0 while it is believed down, and 1 again once that belief has run out."""
+    config = Config(upstreams=(hub(), attrs.evolve(PRESETS["ghcr.io"], url="https://ghcr.test")))
+    site, upstream, clock = make_site(config)
+    ctx = context_of(site)
+    ctx.metrics.watch_upstreams(ctx.proxies)
+    metrics = site.metrics
+    assert sample(metrics, "docxy_upstream_token_service_up", registry="docker.io") == 1
+    assert sample(metrics, "docxy_upstream_token_service_up", registry="ghcr.io") == 1
+    down = UpstreamError(502, "UNAVAILABLE", "upstream unreachable")
+    upstream.responder = lambda m, u, h, b: down
+    auth = ctx.proxies["docker.io"].auth
+    d = defer.ensureDeferred(auth.ask(b"GET", "https://auth.test/token", Headers()))
+    assert isinstance(d.result.value, UpstreamError)
+    d.addErrback(lambda _: None)
+    assert sample(metrics, "docxy_upstream_token_service_up", registry="docker.io") == 0
+    assert sample(metrics, "docxy_upstream_token_service_up", registry="ghcr.io") == 1
+    clock.advance(TOKEN_SERVICE_RETRY + 1)
+    assert sample(metrics, "docxy_upstream_token_service_up", registry="docker.io") == 1
 
 
 def test_upstream_failure_is_counted_and_raised():
@@ -164,3 +211,14 @@ def test_metrics_listen_option_adds_a_site():
     api = next(r for r in routes if b"/v2/" in r)
     assert b"/metrics" not in api
     assert all(site.metrics is sites[0].metrics for site in sites)
+
+
+def test_the_daemon_exports_the_token_services_and_no_cache_metrics_without_a_cache():
+    """The daemon built from options exports each registry's token service state; with
+    --no-cache no cache metric (docxy_cache_free_bytes among them) exists."""
+    options = Options(environ={})
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--no-cache"])
+    site = next(s.factory for s in makeService(options, reactor=Clock())
+                if isinstance(getattr(s, "factory", None), DocxySite))
+    assert sample(site.metrics, "docxy_upstream_token_service_up", registry="docker.io") == 1
+    assert b"docxy_cache_" not in generate_latest(site.metrics.registry)
