@@ -143,5 +143,6 @@ class BlobSources:
                 took_lease(opened.lease)
             return opened.response
 
-        on_resume = upstream.on_resume if upstream is not None else Resumer.on_resume
-        return Resumer(again, max(attempts, 1), on_resume)
+        if upstream is None:  # --resume-attempts 0: a follower still follows a new leader
+            return Resumer(again, 1)
+        return Resumer(again, max(attempts, 1), upstream.on_resume)

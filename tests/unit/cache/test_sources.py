@@ -150,3 +150,19 @@ def test_range_start_reads_the_first_byte():
     assert range_start(b"bytes=100-") == 100
     assert range_start(b"bytes=100-199") == 100
     assert range_start(b"bytes=-5") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follower_resumes_from_the_new_leader_even_with_resuming_off():
+    """With --resume-attempts 0 a follower whose leader's body was cut still asks once
+    more, from the byte it reached, and the answer comes from the node leading now."""
+    clock = Clock()
+    peers = _Peers({"http://new-leader"})
+    sources = BlobSources(clock, None, _Leases(["http://new-leader"]), peers, "http://me")
+    taken = []
+    resumer = sources.resumer(DIGEST, None, 0, leading=lambda: False, took_lease=taken.append)
+    assert resumer.attempts == 1
+    resumer.on_resume(4096, 1, "cut")  # told of the resume, as the body does
+    response = await _run(clock, resumer.again(b"bytes=4096-", b'"etag"'))
+    assert response.who == "http://new-leader" and peers.asked == [("http://new-leader", 4096)]
+    assert taken == []
