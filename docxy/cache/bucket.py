@@ -54,7 +54,8 @@ class Bucket:
         return self._key("tags", upstream, name, tag + ".json")
 
     # --- health -------------------------------------------------------------------------
-    def _failed(self, what: str, error: S3Error) -> None:
+    def failed(self, what: str, error: S3Error) -> None:
+        """A request failed: counted; the bucket is down if it did not answer (or 5xx)."""
         self.errors += 1
         if isinstance(error, S3Unreachable) or (error.status or 0) >= 500:
             if self.up:
@@ -105,7 +106,7 @@ class Bucket:
         try:
             size = await self.client.head(self.blob_key(digest))
         except S3Error as e:
-            self._failed(f"HEAD {digest}", e)
+            self.failed(f"HEAD {digest}", e)
             return None
         self._worked()
         return size
@@ -116,7 +117,7 @@ class Bucket:
             response = await self.client.get(self.blob_key(digest), start)
         except S3Error as e:
             if e.status != 404:
-                self._failed(f"GET {digest}", e)
+                self.failed(f"GET {digest}", e)
             return None
         self._worked()
         return response
@@ -131,7 +132,7 @@ class Bucket:
             await self.client.put_file(key, path, size, "application/octet-stream")
         except S3Error as e:
             self.upload_failures += 1
-            self._failed(f"PUT {digest}", e)
+            self.failed(f"PUT {digest}", e)
             return False
         self._worked()
         self.uploads += 1
@@ -143,7 +144,7 @@ class Bucket:
         try:
             await self.client.delete(self.blob_key(digest))
         except S3Error as e:
-            self._failed(f"DELETE {digest}", e)
+            self.failed(f"DELETE {digest}", e)
             return False
         self._worked()
         return True
@@ -172,7 +173,7 @@ class Bucket:
         try:
             await self.client.put_bytes(key, json.dumps(document).encode(), "application/json")
         except S3Error as e:
-            self._failed(what, e)
+            self.failed(what, e)
         else:
             self._worked()
 
@@ -180,7 +181,7 @@ class Bucket:
         try:
             data = await self.client.get_bytes(key, MAX_SMALL)
         except S3Error as e:
-            self._failed(what, e)
+            self.failed(what, e)
             return None
         self._worked()
         if data is None:

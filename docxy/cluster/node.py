@@ -55,7 +55,7 @@ class ClusterService(service.Service):
             # Not fatal: the node serves from its disk and relays until the bucket answers.
             log.warn("cannot reach the bucket yet ({err}); serving from the local disk",
                      err=str(e))
-            self.parts.bucket._failed("making the bucket", e)
+            self.parts.bucket.failed("making the bucket", e)
 
     async def _stop(self) -> None:
         parts = self.parts
