@@ -456,6 +456,9 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             values["node_url"] = _check_url("--node-url", values["node_url"])
         elif values["node_listen"] or values["node_url"]:
             raise usage.UsageError("--node-listen and --node-url need --cluster redis://...")
+        if "lease-ttl" not in self._given and not self.environ.get("DOCXY_LEASE_TTL") \
+                and "lease_ttl" in from_file:
+            self["lease-ttl"] = float(from_file["lease_ttl"])
         if not self["lease-ttl"] >= 1:
             raise usage.UsageError("--lease-ttl must be at least 1 second")
         values["s3_region"] = values["s3_region"] or "us-east-1"

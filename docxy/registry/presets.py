@@ -120,7 +120,8 @@ _LIST_KEYS = ("repositories", "deny_repositories", "names", "prefixes", "hosts")
 # Daemon options a file may set too (the command line and DOCXY_* win): the cluster's.
 FILE_OPTIONS = ("store", "s3_endpoint", "s3_credentials", "s3_region", "cluster",
                 "cluster_secret", "node_listen", "node_url", "store_max_size")
-_TOP_KEYS = ("default", "upstream") + FILE_OPTIONS
+FILE_NUMBERS = ("lease_ttl",)  # the same, as numbers
+_TOP_KEYS = ("default", "upstream") + FILE_OPTIONS + FILE_NUMBERS
 
 
 @attrs.frozen
@@ -130,7 +131,7 @@ class FileSettings:
 
     upstreams: tuple[tuple[str, dict], ...] = ()
     default: str | None = None
-    options: tuple[tuple[str, str], ...] = ()  # FILE_OPTIONS it sets
+    options: tuple[tuple[str, object], ...] = ()  # FILE_OPTIONS and FILE_NUMBERS it sets
 
 
 def read_config_file(path: str) -> FileSettings:
@@ -159,6 +160,11 @@ def parse_config(data: dict) -> FileSettings:
         if key in data:
             if not isinstance(data[key], str) or not data[key]:
                 raise ValueError(f"{key} must be a non-empty string")
+            options.append((key, data[key]))
+    for key in FILE_NUMBERS:
+        if key in data:
+            if isinstance(data[key], bool) or not isinstance(data[key], (int, float)):
+                raise ValueError(f"{key} must be a number")
             options.append((key, data[key]))
     default = data.get("default")
     if default is not None and not isinstance(default, str):

@@ -288,7 +288,8 @@ def test_cluster_options_from_command_line_environment_and_file(tmp_path):
     config_file = tmp_path / "docxy.toml"
     config_file.write_text('store = "s3://from-file/p"\ns3_endpoint = "http://127.0.0.1:7480"\n'
                            'cluster = "redis://file:6379/0"\ncluster_secret = "/file/key"\n'
-                           'node_listen = "tcp:5001"\nnode_url = "http://file:5001"\n')
+                           'node_listen = "tcp:5001"\nnode_url = "http://file:5001"\n'
+                           'lease_ttl = 7\n')
     config = parse(["--config", str(config_file), "--node-url", "http://cli:5001"],
                    {"DOCXY_CLUSTER": "redis://env:6379/1", "AWS_REGION": "eu-west-1"}).config()
     assert config.store == "s3://from-file/p"
@@ -298,5 +299,6 @@ def test_cluster_options_from_command_line_environment_and_file(tmp_path):
     assert config.node_listen == "tcp:5001"
     assert config.node_url == "http://cli:5001"
     assert config.s3_region == "eu-west-1"
+    assert config.lease_ttl == 7.0
     plain = parse([]).config()
     assert plain.store is None and plain.cluster is None
