@@ -169,7 +169,8 @@ class BlobCache:
                 why_not = f"cannot write to the cache: {e.strerror or e}"
         if why_not is not None:
             self._release(lease)
-            self._relay_uncached(request, response, digest, why_not, upstream_resumer)
+            self._relay_uncached(request, response, digest, why_not, upstream_resumer,
+                                 proxy.cap if source is Source.UPSTREAM else None)
             return _Started(request)
         self.stats.misses += 1
         if source is Source.UPSTREAM:
@@ -189,7 +190,8 @@ class BlobCache:
         # Opened before the body flows: a small body may end (and, if it cannot be stored,
         # vanish) within deliver.
         handle = None if request_gone(request) else fill.open_for_reading()
-        deliver(response, fill, self._reactor, self._idle_timeout, resumer)
+        cap = proxy.cap if source is Source.UPSTREAM else None  # a peer or the bucket: free
+        deliver(response, fill, self._reactor, self._idle_timeout, resumer, cap)
         return _Started(request, fill, handle)
 
     # --- the cluster's part --------------------------------------------------------------
@@ -305,10 +307,10 @@ class BlobCache:
         return None
 
     def _relay_uncached(self, request, response, digest: str, why: str,
-                        resumer: Resumer | None) -> None:
+                        resumer: Resumer | None, cap=None) -> None:
         self.stats.uncached += 1
         log.warn("relaying {digest} uncached: {why}", digest=digest, why=why)
-        relay(request, response, self._reactor, self._idle_timeout, None, resumer)
+        relay(request, response, self._reactor, self._idle_timeout, None, resumer, cap)
 
     def _note_write_error(self, error: OSError | None) -> None:
         if error is not None and error.errno in _DISK_FULL:

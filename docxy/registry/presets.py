@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from docxy.registry.units import parse_bandwidth
+
 DEFAULT_UPSTREAM = "docker.io"
 
 
@@ -42,6 +44,7 @@ class Upstream:
     names: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
+    max_rate: float | None = None  # bytes per second for all its blob downloads together
 
     @property
     def base(self) -> str:
@@ -186,12 +189,16 @@ def _check_table(name: str, table: dict) -> dict:
         # `[upstream.ghcr.io]` is a table `ghcr` holding a table `io`.
         raise ValueError(f"{where} holds only tables: quote names with dots, "
                          f'[upstream."{name}.{next(iter(table))}"]')
-    unknown = sorted(set(table) - set(_STRING_KEYS + _BOOL_KEYS + _LIST_KEYS))
+    unknown = sorted(set(table) - set(_STRING_KEYS + _BOOL_KEYS + _LIST_KEYS + ("max_rate",)))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
     out: dict = {}
     for key, value in table.items():
-        if key in _STRING_KEYS:
+        if key == "max_rate":
+            if not isinstance(value, str):
+                raise ValueError(f'{where}: max_rate is a string like "50MB/s"')
+            out[key] = parse_bandwidth(value)
+        elif key in _STRING_KEYS:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{where}: {key} must be a non-empty string")
             out[key] = check_url(f"{where} {key}", value) if key in ("url", "auth_realm") else value

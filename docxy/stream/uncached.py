@@ -11,14 +11,15 @@ from twisted.web.iweb import IResponse
 from docxy.stream.download import CLIENTS_GONE, Download, State
 from docxy.stream.follower import Follower
 from docxy.upstream.bodies import Resumer, deliver
+from docxy.upstream.pace import RateCap
 
 log = Logger()
 
 
 def send_body(request, response: IResponse, reactor, idle_timeout: float,
-              resumer: Resumer | None = None) -> Download:
+              resumer: Resumer | None = None, cap: RateCap | None = None) -> Download:
     """Send `response`'s body to `request` (headers must already be set); with `resumer`
-    a cut body is resumed from the byte reached."""
+    a cut body is resumed from the byte reached; `cap`: the registry's bandwidth cap."""
     length = response.length if isinstance(response.length, int) else None
 
     def ended(download: Download) -> None:
@@ -35,5 +36,5 @@ def send_body(request, response: IResponse, reactor, idle_timeout: float,
     download = Download(length, reactor=reactor, on_end=ended)
     follower = Follower(request, 0, length, download)
     follower.start()
-    deliver(response, download, reactor, idle_timeout, resumer)
+    deliver(response, download, reactor, idle_timeout, resumer, cap)
     return download

@@ -29,6 +29,7 @@ from zope.interface import implementer
 from docxy.registry.ranges import parse_content_range, range_from, unsatisfied_size
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.idle import IdleTimer
+from docxy.upstream.pace import RateCap
 
 log = Logger()
 
@@ -159,9 +160,10 @@ class Resumer:
 
 
 def deliver(response: IResponse, protocol, reactor, idle_timeout: float,
-            resumer: Resumer | None = None) -> None:
-    """Stream `response`'s body into `protocol` (see the module docstring)."""
-    _Body(response, protocol, reactor, idle_timeout, resumer).start()
+            resumer: Resumer | None = None, cap: RateCap | None = None) -> None:
+    """Stream `response`'s body into `protocol` (see the module docstring); `cap`: the
+    registry's bandwidth cap, which pauses the body while its budget is spent."""
+    _Body(response, protocol, reactor, idle_timeout, resumer, cap).start()
 
 
 class _Leg(Protocol):
@@ -190,8 +192,10 @@ class _Body:
     The protocol pauses, resumes and stops it as it would the response itself."""
 
     def __init__(self, response: IResponse, protocol, reactor, idle_timeout: float,
-                 resumer: Resumer | None) -> None:
+                 resumer: Resumer | None, cap: RateCap | None = None) -> None:
         self._first = response
+        self._cap = cap
+        self._capped = None  # the delayed call ending a wait for the cap's budget
         self._protocol = protocol
         self._reactor = reactor
         self._resumer = resumer
@@ -232,7 +236,7 @@ class _Body:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._transport is not None:
+        if self._transport is not None and self._capped is None:
             self._timer.arm()
             self._transport.resumeProducing()
 
@@ -259,7 +263,7 @@ class _Body:
         if self._stopped:
             self._transport.stopProducing()
             return
-        if self._paused:
+        if self._paused or self._capped is not None:
             self._transport.pauseProducing()
         else:
             self._timer.arm()
@@ -267,7 +271,7 @@ class _Body:
     def _leg_data(self, leg: _Leg, data: bytes) -> None:
         if leg is not self._leg or self._done:
             return
-        if not self._paused:
+        if not self._paused and self._capped is None:
             self._timer.arm()
         if self._skip:
             dropped = min(self._skip, len(data))
@@ -285,6 +289,29 @@ class _Body:
             self._transport = None
             leg.transport.stopProducing()
             self._finish(Failure(ResponseDone()))
+        elif self._cap is not None and not self._done:
+            self._pace(self._cap.take(len(data)))
+
+    # --- the registry's bandwidth cap ---------------------------------------------------
+    def _pace(self, wait: float) -> None:
+        """Over the cap's budget: the transport waits `wait` seconds (not a stall)."""
+        if wait <= 0 or self._capped is not None:
+            return
+        self._timer.disarm()
+        if self._transport is not None:
+            self._transport.pauseProducing()
+        self._capped = self._reactor.callLater(wait, self._uncap)
+
+    def _uncap(self) -> None:
+        self._capped = None
+        if self._done or self._stopped:
+            return
+        wait = self._cap.wait()  # other bodies of the registry may have spent it meanwhile
+        if wait > 0:
+            self._pace(wait)
+        elif not self._paused and self._transport is not None:
+            self._timer.arm()
+            self._transport.resumeProducing()
 
     def _leg_lost(self, leg: _Leg, reason: Failure) -> None:
         if leg is not self._leg or self._done:
@@ -393,5 +420,8 @@ class _Body:
             return
         self._done = True
         self._timer.disarm()
+        if self._capped is not None and self._capped.active():
+            self._capped.cancel()
+        self._capped = None
         self._cancel_waiting()
         self._protocol.connectionLost(reason)

@@ -29,6 +29,7 @@ from docxy.upstream.auth import AuthEndpoint, UpstreamAuth, is_offline_token
 from docxy.upstream.bodies import Resumer, discard
 from docxy.upstream.errors import UpstreamError
 from docxy.upstream.interfaces import IUpstreamClient
+from docxy.upstream.pace import RateCap
 
 # Query parameters a pull request may carry upstream (pagination of tag lists); `ns` and
 # anything else a client adds stays here.
@@ -83,6 +84,8 @@ class RegistryProxy:
         self._client = client
         self.auth = auth
         self.access = AccessGate(self, reactor)
+        # the registry's bandwidth cap, shared by every blob body read from it
+        self.cap = RateCap(upstream.max_rate, reactor) if upstream.max_rate else None
         self._resume_attempts = resume_attempts
         self._on_resume = on_resume
 

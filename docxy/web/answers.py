@@ -24,6 +24,7 @@ from docxy.stream.clients import request_gone
 from docxy.stream.uncached import send_body
 from docxy.upstream.bodies import Resumer, body_length, discard
 from docxy.upstream.errors import UpstreamError
+from docxy.upstream.pace import RateCap
 
 log = Logger()
 
@@ -99,9 +100,10 @@ def relay(
     idle_timeout: float,
     realm: Realm | None,
     resumer: Resumer | None = None,
+    cap: RateCap | None = None,
 ) -> None:
     """Answer `request` with `response`: status, headers and the body, streamed (and,
-    with `resumer`, resumed after a cut).
+    with `resumer`, resumed after a cut; with `cap`, within the registry's bandwidth).
 
     `realm` rewrites a relayed challenge to point at docxy; None strips the challenge
     (mirror mode: clients are never asked to authenticate).
@@ -119,7 +121,7 @@ def relay(
     length = body_length(response)
     if length is not None and response.code not in (204, 304):
         request.setHeader(b"content-length", b"%d" % length)
-    send_body(request, response, reactor, idle_timeout, resumer)
+    send_body(request, response, reactor, idle_timeout, resumer, cap)
 
 
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}

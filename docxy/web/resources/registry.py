@@ -68,6 +68,7 @@ class RegistryResource(PullResource):
                 route, request.method, request.requestHeaders, query_pairs(request)
             )
             resumer = proxy.resumer(route, request.requestHeaders) if request.method == b"GET" else None
-            relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm, resumer)
+            cap = proxy.cap if route.kind == "blobs" else None
+            relay(request, response, ctx.reactor, ctx.config.idle_timeout, realm, resumer, cap)
 
         return later(work)
