@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import attrs
 
-from docxy.registry.presets import DEFAULT_UPSTREAM, PRESETS, Upstream
+from docxy.registry.presets import DEFAULT_UPSTREAM, PRESETS, Upstream, WarmSchedule
 
 
 @attrs.frozen
@@ -58,6 +58,11 @@ class Config:
     lease_ttl: float = 5.0  # seconds a dead leader's lease outlives it
     store_max_size: int | None = None  # the bucket's bound, kept by the cluster
     environ: tuple[tuple[str, str], ...] = ()  # AWS_* variables for the S3 credentials
+    # operators' tools (docxy.admin, docxy.web.resources.admin)
+    admin_listen: str | None = None  # strports: the admin API and the status page
+    admin_htpasswd: str | None = None  # its users (Basic auth); needed off loopback
+    warm: tuple[WarmSchedule, ...] = ()  # [[warm]] tables of the TOML file
+    retention_interval: float = 3600.0  # seconds between retention sweeps
 
     @property
     def default(self) -> Upstream:

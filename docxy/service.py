@@ -39,6 +39,7 @@ from docxy.upstream.proxy import RegistryProxy
 from docxy.web.resources._base import Context
 from docxy.web.site import (
     DocxySite,
+    admin_resource,
     api_resource,
     metrics_resource_tree,
     node_resource,
@@ -288,6 +289,7 @@ def build_service(config: Config, reactor) -> service.MultiService:
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     _ClosePools(clients).setServiceParent(top)
     ClusterService(parts).setServiceParent(top)
+    build_admin(config, context, reactor).setServiceParent(top)
     if config.node_listen and blobs is not None:
         node_site = DocxySite(node_resource(blobs, parts, reactor), reactor, metrics,
                               config.request_timeout)
@@ -318,6 +320,56 @@ def build_service(config: Config, reactor) -> service.MultiService:
         metrics=config.metrics_listen or "the API's endpoints",
     )
     return top
+
+
+class AdminConfigError(Exception):
+    """Admin settings that cannot be used (its users file)."""
+
+
+def build_admin(config: Config, context: Context, reactor) -> service.MultiService:
+    """The operators' tools: the pull log, warm-ups (on demand and scheduled), retention,
+    and the admin listener with its API and status page.  Raises AdminConfigError."""
+    from docxy.admin.local import LocalMirror
+    from docxy.admin.retention import RetentionService
+    from docxy.admin.schedule import WarmSchedule
+    from docxy.admin.warmup import WarmUp
+    from docxy.cache.inventory import Inventory
+    from docxy.cache.usage import PullLog, PullLogService
+    from docxy.web.resources.admin import Admin
+
+    tools = service.MultiService()
+    inventory = warmup = None
+    manifests, blobs = context.manifests, context.blobs
+    if manifests is not None and blobs is not None:
+        pulls = PullLog(manifests.store.root / "usage.json", reactor)
+        manifests.pulls = pulls
+        PullLogService(pulls, reactor).setServiceParent(tools)
+        registries = {n.lower(): cache_key(u.name) for u in config.upstreams for n in u.all_names}
+        inventory = Inventory(
+            manifests, registries, config.default_upstream,
+            {cache_key(u.name): u.library for u in config.upstreams},
+            names={cache_key(u.name): u.name for u in config.upstreams})
+        local = LocalMirror(reactor, api_resource(context, admit=False), context.policy,
+                            context.metrics, config.request_timeout)
+        local.setServiceParent(tools)
+        warmup = WarmUp(reactor, local, blobs.store.has)
+        RetentionService(inventory, config.upstreams, reactor,
+                         config.retention_interval).setServiceParent(tools)
+        if config.warm:
+            WarmSchedule(config.warm, warmup, inventory, reactor).setServiceParent(tools)
+    if config.admin_listen:
+        users = None
+        if config.admin_htpasswd:
+            try:
+                users = Htpasswd(config.admin_htpasswd, threads.deferToThread)
+            except HtpasswdError as e:
+                raise AdminConfigError(f"--admin-htpasswd: {e}") from None
+        admin = Admin(context, inventory, warmup, users)
+        site = DocxySite(admin_resource(admin, context.metrics), reactor, context.metrics,
+                         config.request_timeout)
+        strports.service(config.admin_listen, site, reactor=reactor).setServiceParent(tools)
+        log.info("docxy: admin API and status page on {listen}", listen=config.admin_listen)
+    return tools
 
 
 def redacted_url(url: str | None) -> str:

@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from docxy.admission.networks import parse_networks
+from docxy.admission.networks import is_local_endpoint, parse_networks
 from docxy.admission.ratelimit import parse_rate
 from docxy.config import Config
 from docxy.ops.logs import LOG_FORMATS
@@ -31,6 +31,7 @@ from docxy.registry.presets import (
 from docxy.s3.location import parse_store_url
 from docxy.service import (
     AccessConfigError,
+    AdminConfigError,
     CacheConfigError,
     ClusterConfigError,
     build_service,
@@ -206,6 +207,11 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
          "--cache-max-size. [DOCXY_STORE_MAX_SIZE]"],
         ["lease-ttl", None, 5.0, "Seconds a download's lease outlives a node that died "
          "holding it (renewed every third of it). [DOCXY_LEASE_TTL]", float],
+        ["admin-listen", None, None, "Serve the admin API (the `docxy` command: warm, cache "
+         "ls/rm/gc), the status page and /metrics on this endpoint, e.g. "
+         "tcp:5002:interface=127.0.0.1. [DOCXY_ADMIN_LISTEN]"],
+        ["admin-htpasswd", None, None, "Users file (htpasswd -B) of the admin API's users "
+         "(HTTP Basic); required when --admin-listen is not loopback. [DOCXY_ADMIN_HTPASSWD]"],
     ]
 
     _ENV_SCALARS = {
@@ -245,6 +251,8 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         "node-url": ("DOCXY_NODE_URL",),
         "lease-ttl": ("DOCXY_LEASE_TTL",),
         "store-max-size": ("DOCXY_STORE_MAX_SIZE",),
+        "admin-listen": ("DOCXY_ADMIN_LISTEN",),
+        "admin-htpasswd": ("DOCXY_ADMIN_HTPASSWD",),
     }
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -404,6 +412,14 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             raise usage.UsageError("--resume-attempts must be a whole number from 0 to 100")
         if not 1 <= self["upstream-connections"] <= 10000:
             raise usage.UsageError("--upstream-connections must be a whole number from 1 to 10000")
+        if self["admin-htpasswd"] and not self["admin-listen"]:
+            raise usage.UsageError("--admin-htpasswd needs --admin-listen")
+        if self["admin-listen"] and not self["admin-htpasswd"] \
+                and not is_local_endpoint(self["admin-listen"]):
+            raise usage.UsageError(
+                f"--admin-listen {self['admin-listen']} is not a loopback address: anyone who "
+                "reaches it could remove the cache; give --admin-htpasswd FILE or listen on "
+                "127.0.0.1")
 
     def upstreams(self, settings: FileSettings | None = None) -> tuple[tuple[Upstream, ...], str]:
         """The upstreams and the default's name, from the configuration file, --registry
@@ -505,6 +521,10 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
             deny_networks=tuple(self["deny-net"]),
             trusted_proxies=tuple(self["trusted-proxy"]),
             rate_limit=self.rate_limit,
+            admin_listen=self["admin-listen"],
+            admin_htpasswd=self["admin-htpasswd"],
+            warm=settings.warm,
+            retention_interval=settings.retention_interval or 3600.0,
         )
 
 
@@ -518,6 +538,6 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     try:
         return build_service(options.config(), reactor)
     except (ConfigFileError, TLSConfigError, CredentialsError, CacheConfigError,
-            AccessConfigError, ClusterConfigError, usage.UsageError) as e:
+            AccessConfigError, ClusterConfigError, AdminConfigError, usage.UsageError) as e:
         raise SystemExit(f"docxy: {e}") from None
 

@@ -140,11 +140,20 @@ class Bucket:
         return True
 
     async def delete_blob(self, digest: str) -> bool:
-        """Remove a blob (the shared bound's sweep); False when the bucket said no."""
+        """Remove a blob (the shared bound's sweep, a removal); False when the bucket said no."""
+        return await self._delete(self.blob_key(digest), f"DELETE {digest}")
+
+    async def delete_manifest(self, digest: str) -> bool:
+        return await self._delete(self.manifest_key(digest), f"DELETE manifest {digest}")
+
+    async def delete_tag(self, upstream: str, name: str, tag: str) -> bool:
+        return await self._delete(self.tag_key(upstream, name, tag), f"DELETE tag {name}:{tag}")
+
+    async def _delete(self, key: str, what: str) -> bool:
         try:
-            await self.client.delete(self.blob_key(digest))
+            await self.client.delete(key)
         except S3Error as e:
-            self.failed(f"DELETE {digest}", e)
+            self.failed(what, e)
             return False
         self._worked()
         return True

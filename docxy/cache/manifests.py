@@ -139,6 +139,7 @@ class ManifestCache:
         self.store = store
         self._bucket = bucket  # the shared store behind the local disk (--store), or None
         self.shared = None  # docxy.cluster.state.SharedState: tags as every node last saw them
+        self.pulls = None  # docxy.cache.usage.PullLog: what was pulled when (cache ls, retention)
         self._reactor = reactor
         self._tag_ttl = tag_ttl
         self._idle_timeout = idle_timeout
@@ -332,6 +333,74 @@ class ManifestCache:
             await self._by_digest(pull)
         else:
             await self._by_tag(pull)
+        self._count(pull)
+
+    def _count(self, pull: Pull) -> None:
+        """A manifest GET answered 200 is a pull of its digest (docxy.cache.usage)."""
+        request, proxy, route, _ = pull
+        if self.pulls is None or request.method != b"GET" or request.code != 200:
+            return
+        digest = request.responseHeaders.getRawHeaders(b"docker-content-digest", [b""])[0]
+        if digest:
+            self.pulls.pulled(cache_key(proxy.name), upstream_name(route.name, proxy.library),
+                              digest.decode("latin-1"), warm=getattr(request, "docxy_warm", False))
+
+    # --- removal (docxy.cache.inventory) -------------------------------------------------
+    def tags(self):
+        """Every tag kept: (registry key, repository, tag, TagEntry)."""
+        for upstream_dir in sorted(self._tags.iterdir()) if self._tags.is_dir() else ():
+            for tag_file in sorted(upstream_dir.rglob("*")):
+                if not tag_file.is_file() or tag_file.name.startswith(".tmp-"):
+                    continue
+                name = tag_file.parent.relative_to(upstream_dir).as_posix()
+                try:
+                    data = json.loads(tag_file.read_text())
+                    entry = TagEntry(data["digest"], data["media_type"], float(data["checked"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                yield upstream_dir.name, name, tag_file.name, entry
+
+    def stored_manifests(self) -> list[str]:
+        """The digests of every manifest kept (those with a media type beside the store)."""
+        found = []
+        for path in self._types.iterdir():
+            digest = path.name.replace("_", ":", 1)
+            if not path.name.startswith(".tmp-") and self.store.has(digest):
+                found.append(digest)
+        return found
+
+    def document(self, digest: str):
+        """A stored manifest parsed (a dict), or None."""
+        body = self._read(digest)
+        try:
+            document = json.loads(body) if body is not None else None
+        except ValueError:
+            return None
+        return document if isinstance(document, dict) else None
+
+    async def forget_tag(self, key: str, name: str, tag: str) -> None:
+        """Remove a tag here, in Redis and in the bucket."""
+        try:
+            self._tag_path(key, name, tag).unlink()
+        except FileNotFoundError:
+            pass
+        if self.shared is not None:
+            try:
+                await self.shared.delete("tag", f"{key}|{name}|{tag}")
+            except Exception as e:  # ClusterUnavailable: other nodes keep it until its ttl
+                log.warn("could not remove tag {name}:{tag} from Redis: {err}", name=name,
+                         tag=tag, err=str(e))
+        if self._bucket is not None:
+            await self._bucket.delete_tag(key, name, tag)
+
+    async def forget_manifest(self, digest: str) -> str:
+        """Remove a manifest here and from the bucket: "removed", "absent" or "busy"."""
+        outcome = self.store.remove(digest)
+        if outcome != "busy":
+            self._type_path(digest).unlink(missing_ok=True)
+            if self._bucket is not None:
+                await self._bucket.delete_manifest(digest)
+        return outcome
 
     async def _by_digest(self, pull: Pull) -> None:
         request, proxy, route, realm = pull

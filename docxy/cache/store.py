@@ -46,6 +46,7 @@ class BlobStore:
         self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> size, LRU first
         self._readers: dict[str, int] = {}
         self._pinned: set[str] = set()
+        self._doomed: set[str] = set()  # removed while read: unlinked when the last reader ends
         self.total = 0
         self._open()
 
@@ -125,6 +126,40 @@ class BlobStore:
             self._readers[digest] = count
         else:
             self._readers.pop(digest, None)
+            if digest in self._doomed:
+                self._doomed.discard(digest)
+                self._unlink(digest)
+
+    def in_use(self, digest: str) -> bool:
+        """Being downloaded or read right now."""
+        return digest in self._pinned or bool(self._readers.get(digest))
+
+    def digests(self) -> list[str]:
+        """Every stored digest, least recently used first."""
+        return list(self._entries)
+
+    # --- removing (docxy.cache.inventory) -----------------------------------------------
+    def remove(self, digest: str) -> str:
+        """Take a blob out of the store: "removed", "absent", or "busy" when it is being
+        downloaded now (a fill's blob is entered when it completes; nothing is cut).  A
+        blob being read is forgotten now and its file unlinked when its last reader ends."""
+        if digest in self._pinned:
+            return "busy"
+        if digest not in self._entries:
+            return "absent"
+        if self._readers.get(digest):
+            self._doomed.add(digest)
+            self._forget(digest)
+            return "removed"
+        self._unlink(digest)
+        return "removed"
+
+    def _unlink(self, digest: str) -> None:
+        try:
+            self.path(digest).unlink(missing_ok=True)
+        except OSError as e:
+            log.warn("cannot remove {digest}: {err}", digest=digest, err=e.strerror or str(e))
+        self._forget(digest)
 
     # --- writing ------------------------------------------------------------------------
     def new_partial(self, digest: str) -> tuple[Path, object]:
@@ -151,6 +186,7 @@ class BlobStore:
         """Enter a verified download into the store (atomically) and evict if needed.
         Raises OSError (the partial file is then gone) when it cannot be stored."""
         self._pinned.discard(digest)
+        self._doomed.discard(digest)  # a new copy: the old one's readers must not unlink it
         target = self.path(digest)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

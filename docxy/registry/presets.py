@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from docxy.registry.units import parse_bandwidth
+from docxy.registry.units import parse_bandwidth, parse_duration
 
 DEFAULT_UPSTREAM = "docker.io"
 
@@ -45,6 +45,8 @@ class Upstream:
     prefixes: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     max_rate: float | None = None  # bytes per second for all its blob downloads together
+    max_age: float | None = None  # retention: seconds since an image's last pull
+    keep: tuple[str, ...] = ()  # retention: repositories (globs) never expired
 
     @property
     def base(self) -> str:
@@ -119,12 +121,21 @@ def preset_for_url(url: str) -> Upstream | None:
 
 _STRING_KEYS = ("url", "ca", "credentials", "auth_realm", "auth_service")
 _BOOL_KEYS = ("library", "mirror_mode")
-_LIST_KEYS = ("repositories", "deny_repositories", "names", "prefixes", "hosts")
+_LIST_KEYS = ("repositories", "deny_repositories", "names", "prefixes", "hosts", "keep")
 # Daemon options a file may set too (the command line and DOCXY_* win): the cluster's.
 FILE_OPTIONS = ("store", "s3_endpoint", "s3_credentials", "s3_region", "cluster",
                 "cluster_secret", "node_listen", "node_url", "store_max_size")
 FILE_NUMBERS = ("lease_ttl",)  # the same, as numbers
-_TOP_KEYS = ("default", "upstream") + FILE_OPTIONS + FILE_NUMBERS
+_TOP_KEYS = ("default", "upstream", "warm", "retention_interval") + FILE_OPTIONS + FILE_NUMBERS
+
+
+@attrs.frozen
+class WarmSchedule:
+    """A `[[warm]]` table: images warmed at the start and every `every` seconds."""
+
+    images: tuple[str, ...]
+    every: float
+    platforms: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -135,6 +146,37 @@ class FileSettings:
     upstreams: tuple[tuple[str, dict], ...] = ()
     default: str | None = None
     options: tuple[tuple[str, object], ...] = ()  # FILE_OPTIONS and FILE_NUMBERS it sets
+    warm: tuple[WarmSchedule, ...] = ()  # [[warm]] tables
+    retention_interval: float | None = None  # seconds between retention sweeps
+
+
+def _check_warm(tables) -> tuple[WarmSchedule, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError("warm must be tables: [[warm]] images = [...] every = \"6h\"")
+    out = []
+    for i, table in enumerate(tables, 1):
+        where = f"[[warm]] number {i}"
+        unknown = sorted(set(table) - {"images", "every", "platforms"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} "
+                             "(expected images, every, platforms)")
+        images = table.get("images")
+        if not isinstance(images, list) or not images or not all(
+                isinstance(v, str) and v.strip() for v in images):
+            raise ValueError(f"{where}: images must be a non-empty list of references")
+        if "every" not in table:
+            raise ValueError(f'{where}: every is missing (e.g. every = "6h")')
+        every = parse_duration(table["every"]) if isinstance(table["every"], str) else None
+        if every is None:
+            raise ValueError(f'{where}: every is a string like "6h"')
+        if every < 60:
+            raise ValueError(f"{where}: every must be at least a minute")
+        platforms = table.get("platforms", [])
+        if not isinstance(platforms, list) or not all(
+                isinstance(p, str) and p.count("/") in (1, 2) for p in platforms):
+            raise ValueError(f'{where}: platforms is a list like ["linux/arm64"]')
+        out.append(WarmSchedule(tuple(v.strip() for v in images), every, tuple(platforms)))
+    return tuple(out)
 
 
 def read_config_file(path: str) -> FileSettings:
@@ -157,7 +199,8 @@ def parse_config(data: dict) -> FileSettings:
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)} (expected: default, "
-                         f"{', '.join(FILE_OPTIONS)}, [upstream.\"NAME\"])")
+                         f"{', '.join(FILE_OPTIONS + FILE_NUMBERS)}, retention_interval, "
+                         f"[upstream.\"NAME\"], [[warm]])")
     options = []
     for key in FILE_OPTIONS:
         if key in data:
@@ -169,6 +212,12 @@ def parse_config(data: dict) -> FileSettings:
             if isinstance(data[key], bool) or not isinstance(data[key], (int, float)):
                 raise ValueError(f"{key} must be a number")
             options.append((key, data[key]))
+    warm = _check_warm(data["warm"]) if "warm" in data else ()
+    interval = None
+    if "retention_interval" in data:
+        if not isinstance(data["retention_interval"], str):
+            raise ValueError('retention_interval is a string like "1h"')
+        interval = parse_duration(data["retention_interval"])
     default = data.get("default")
     if default is not None and not isinstance(default, str):
         raise ValueError("default must be a string naming an upstream")
@@ -180,7 +229,8 @@ def parse_config(data: dict) -> FileSettings:
         if not isinstance(table, dict):
             raise ValueError(f'upstream "{name}" must be a table: [upstream."{name}"]')
         upstreams.append((name.lower(), _check_table(name, table)))
-    return FileSettings(tuple(upstreams), default.lower() if default else None, tuple(options))
+    return FileSettings(tuple(upstreams), default.lower() if default else None, tuple(options),
+                        warm, interval)
 
 
 def _check_table(name: str, table: dict) -> dict:
@@ -189,7 +239,8 @@ def _check_table(name: str, table: dict) -> dict:
         # `[upstream.ghcr.io]` is a table `ghcr` holding a table `io`.
         raise ValueError(f"{where} holds only tables: quote names with dots, "
                          f'[upstream."{name}.{next(iter(table))}"]')
-    unknown = sorted(set(table) - set(_STRING_KEYS + _BOOL_KEYS + _LIST_KEYS + ("max_rate",)))
+    unknown = sorted(set(table) - set(_STRING_KEYS + _BOOL_KEYS + _LIST_KEYS
+                                      + ("max_rate", "max_age")))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
     out: dict = {}
@@ -198,6 +249,13 @@ def _check_table(name: str, table: dict) -> dict:
             if not isinstance(value, str):
                 raise ValueError(f'{where}: max_rate is a string like "50MB/s"')
             out[key] = parse_bandwidth(value)
+        elif key == "max_age":
+            if not isinstance(value, str):
+                raise ValueError(f'{where}: max_age is a string like "30d"')
+            try:
+                out[key] = parse_duration(value)
+            except ValueError as e:
+                raise ValueError(f"{where}: max_age: {e}") from None
         elif key in _STRING_KEYS:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{where}: {key} must be a non-empty string")
@@ -209,7 +267,8 @@ def _check_table(name: str, table: dict) -> dict:
         else:
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"{where}: {key} must be a list of strings")
-            out[key] = tuple(v if key.endswith("repositories") else v.lower() for v in value)
+            out[key] = tuple(v if key.endswith("repositories") or key == "keep" else v.lower()
+                             for v in value)
     return out
 
 

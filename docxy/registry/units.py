@@ -20,3 +20,18 @@ def parse_bandwidth(text: str) -> float:
     if value < 1024:
         raise ValueError(f"{text!r} is below 1 KiB/s: no download would ever finish")
     return value
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*", re.IGNORECASE)
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90s`, `15m`, `6h`, `30d`, `2w` (a bare number is seconds)."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"a duration is like 30d, 6h, 15m or 90s, not {text!r}")
+    value = float(match.group(1)) * _SECONDS[(match.group(2) or "s").lower()]
+    if value <= 0:
+        raise ValueError(f"a duration must be positive, not {text!r}")
+    return value

@@ -91,6 +91,8 @@ class DocxyRequest(Request):
     docxy_user: str | None = None
     # reactor.seconds() when the site began to route it, for the log's duration.
     started: float | None = None
+    # Made by a warm-up (docxy.admin.local), not a client: not counted as a pull.
+    docxy_warm: bool = False
 
     def connectionLost(self, reason) -> None:
         # twisted.web logs only finished requests; a pull cut short is logged here.
@@ -133,7 +135,9 @@ class DocxySite(Site):
         return super().getResourceFor(request)
 
 
-def api_resource(context: Context) -> Resource:
+def api_resource(context: Context, admit: bool = True) -> Resource:
+    """The registry API; `admit=False` for docxy's own private socket (docxy.admin.local),
+    whose requests the client networks do not apply to."""
     token = TokenResource(context)
     return Router(
         {
@@ -147,7 +151,7 @@ def api_resource(context: Context) -> Resource:
                else {b"/metrics": metrics_resource(context.metrics)}),
         },
         {b"/v2/": RegistryResource(context), b"/auth/token/": token},
-        admit=context.policy.admit_network,
+        admit=context.policy.admit_network if admit else None,
         open_paths=frozenset({b"/health", b"/ready"}),
     )
 
@@ -165,6 +169,24 @@ def redirect_resource(
         {},
         fallback=HTTPSRedirectResource(config.public_url, names, https_port),
     )
+
+
+def admin_resource(admin, metrics: Metrics, page: Resource | None = None) -> Resource:
+    """The admin listener: the API the `docxy` command uses, /metrics, and the status
+    page at / (docxy.web.resources.admin)."""
+    from docxy.web.resources import admin as api
+
+    routes: dict[bytes, Resource] = {
+        b"/api/v1/cache": api.CacheList(admin),
+        b"/api/v1/cache/rm": api.CacheRemove(admin),
+        b"/api/v1/cache/gc": api.CacheGC(admin),
+        b"/api/v1/warm": api.Warm(admin),
+        b"/api/v1/status": api.Status(admin),
+        b"/metrics": metrics_resource(metrics),
+    }
+    if page is not None:
+        routes[b"/"] = page
+    return Router(routes, {})
 
 
 def node_resource(blobs, parts, reactor) -> Resource:

@@ -1,0 +1,128 @@
+"""docxy's API on a private UNIX socket, for the warm-ups and schedules: they pull
+through exactly the resources a client reaches, without depending on how the public
+listeners are set up (TLS, socket activation, client networks).
+
+The socket lives in a fresh directory only docxy's user can enter; with `--htpasswd`, the
+requests carry a docxy token of the user `docxy-warm` (the admission is not bypassed, only
+satisfied).  Requests made here are marked as warm-ups: they are not counted as pulls.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from twisted.application import service, strports
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from docxy.registry.challenge import parse_challenge
+from docxy.web.site import DocxyRequest, DocxySite
+
+WARM_USER = "docxy-warm"
+
+
+async def read_body(response) -> bytes:
+    try:
+        return await readBody(response)
+    except Exception:  # PartialDownloadError and the like: an error answer's body
+        return b""
+
+
+discard_body = read_body
+
+
+class WarmRequest(DocxyRequest):
+    docxy_warm = True
+
+
+class LocalSite(DocxySite):
+    requestFactory = WarmRequest
+
+
+@implementer(IAgentEndpointFactory)
+class _ToSocket:
+    def __init__(self, reactor, path: str) -> None:
+        self._reactor = reactor
+        self._path = path
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(self._reactor, self._path, timeout=10)
+
+
+class LocalMirror(service.Service):
+    """Serves `resource` on the private socket while running; `get` asks it."""
+
+    def __init__(self, reactor, resource, policy, metrics, request_timeout: float) -> None:
+        self._reactor = reactor
+        self._dir = Path(tempfile.mkdtemp(prefix="docxy-local-"))  # mode 0700
+        self.path = str(self._dir / "api.sock")
+        self._site = LocalSite(resource, reactor, metrics, request_timeout)
+        self._listener = strports.service(f"unix:{self.path}:mode=600", self._site,
+                                          reactor=reactor)
+        self._policy = policy
+        self._tokens: dict[tuple[str, str], str] = {}  # (registry, /v2/<name>) -> token
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._agent = Agent.usingEndpointFactory(reactor, _ToSocket(reactor, self.path),
+                                                 pool=self._pool)
+
+    def startService(self) -> None:
+        super().startService()
+        self._listener.startService()
+
+    def stopService(self):
+        super().stopService()
+        d = self._pool.closeCachedConnections()
+        d.addBoth(lambda _: self._listener.stopService())
+        d.addBoth(lambda _: shutil.rmtree(self._dir, ignore_errors=True))
+        return d
+
+    async def get(self, registry: str, path: str, headers: dict[bytes, list[bytes]]):
+        """GET `path` (/v2/...) of `registry` (by containerd's ns= parameter).  A challenge
+        is answered as a client answers it: a token from docxy's token endpoint (whose
+        realm's path is asked here, whatever host the realm names), kept per repository."""
+        raw = dict(headers)
+        url = f"http://docxy{path}?ns={registry}".encode("ascii")
+        issuer = self._policy.issuer
+        if self._policy.auth_required and issuer is not None:
+            raw[b"authorization"] = [b"Bearer " + issuer.issue(WARM_USER).encode("ascii")]
+            return await self._agent.request(b"GET", url, Headers(raw))
+        repository = (registry, path.split("/manifests/")[0].split("/blobs/")[0])
+        token = self._tokens.get(repository)
+        if token:
+            raw[b"authorization"] = [b"Bearer " + token.encode("ascii")]
+        response = await self._agent.request(b"GET", url, Headers(raw))
+        if response.code != 401:
+            return response
+        challenge = parse_challenge(
+            response.headers.getRawHeaders(b"www-authenticate", [b""])[0].decode("latin-1"))
+        token = await self._token(challenge) if challenge is not None else None
+        if token is None:
+            return response  # the 401 is the answer; its body is still unread
+        await discard_body(response)
+        self._tokens[repository] = token
+        if len(self._tokens) > 1000:
+            self._tokens.pop(next(iter(self._tokens)))
+        raw[b"authorization"] = [b"Bearer " + token.encode("ascii")]
+        return await self._agent.request(b"GET", url, Headers(raw))
+
+    async def _token(self, challenge) -> str | None:
+        realm = urlsplit(challenge.get("realm") or "")
+        query = [(k, v) for k, v in (("service", challenge.get("service")),
+                                     ("scope", challenge.get("scope"))) if v]
+        url = f"http://docxy{realm.path or '/auth/token'}?{urlencode(query)}".encode("ascii")
+        response = await self._agent.request(b"GET", url, Headers({}))
+        body = await read_body(response)
+        if response.code != 200:
+            return None
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return None
+        token = answer.get("token") or answer.get("access_token")
+        return token if isinstance(token, str) else None

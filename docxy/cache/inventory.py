@@ -1,0 +1,341 @@
+"""What is cached, and its removal: `docxy cache ls`, `cache rm`, `cache gc` and retention.
+
+The cache is a graph: tags name manifests, an index names manifests, a manifest names its
+config and layers.  A blob is kept while any kept manifest names it, so a layer shared by
+two images stays until neither is cached (`removable`).  A removal never cuts a
+download: a blob being downloaded is left (it is entered when it completes), and one
+being read is unlinked when its last reader ends (docxy.cache.store.BlobStore.remove).
+With `--store`, what is removed here is removed from the bucket too; other nodes' local
+disks keep their copies until their own bound or retention removes them.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+import attrs
+from twisted.logger import Logger
+
+from docxy.cache.manifests import ManifestCache, TagEntry
+from docxy.registry.names import is_valid_digest
+
+log = Logger()
+
+INDEX_DEPTH = 2  # an index of indexes is as deep as registries go
+
+
+def references(document: dict) -> tuple[list[str], list[str]]:
+    """The (manifests, blobs) a manifest document names: an index's or list's children;
+    an image's config and layers (schema 2, OCI; schema 1's fsLayers).  Pure."""
+    children: list[str] = []
+    blobs: list[str] = []
+    for child in document.get("manifests") or ():
+        if isinstance(child, dict) and is_valid_digest(str(child.get("digest", ""))):
+            children.append(child["digest"])
+    described = [document.get("config")] + list(document.get("layers") or ())
+    for item in described:
+        if isinstance(item, dict) and is_valid_digest(str(item.get("digest", ""))):
+            blobs.append(item["digest"])
+    for layer in document.get("fsLayers") or ():
+        if isinstance(layer, dict) and is_valid_digest(str(layer.get("blobSum", ""))):
+            blobs.append(layer["blobSum"])
+    return children, blobs
+
+
+def described_size(document: dict) -> int:
+    """The bytes an image manifest's descriptors add up to (config and layers)."""
+    items = [document.get("config")] + list(document.get("layers") or ())
+    return sum(int(i.get("size") or 0) for i in items if isinstance(i, dict)
+               and isinstance(i.get("size"), int))
+
+
+@attrs.frozen
+class Reference:
+    """What `cache rm` was given: registry key (None: a bare digest), repository, and a
+    tag or a digest."""
+
+    registry: str | None
+    repository: str | None
+    tag: str | None = None
+    digest: str | None = None
+
+
+class BadReference(ValueError):
+    pass
+
+
+def parse_reference(text: str, registries: dict[str, str], default: str,
+                    library: dict[str, bool]) -> Reference:
+    """`registry/name:tag`, `registry/name@sha256:...`, `name:tag` (the default registry)
+    or a bare `sha256:...`.  `registries` maps every name a registry is known by to its
+    key; BadReference says what is wrong.  Pure."""
+    text = text.strip()
+    if is_valid_digest(text):
+        return Reference(None, None, digest=text)
+    name, digest, tag = text, None, None
+    if "@" in text:
+        name, digest = text.split("@", 1)
+        if not is_valid_digest(digest):
+            raise BadReference(f"{digest!r} is not a digest (sha256:<64 hex>)")
+    else:
+        slash = text.rfind("/")
+        colon = text.rfind(":")
+        if colon > slash:
+            name, tag = text[:colon], text[colon + 1:]
+    first, _, rest = name.partition("/")
+    if rest and first.lower() in registries:
+        key, repository = registries[first.lower()], rest
+    else:
+        key, repository = registries[default], name
+        if library.get(key) and "/" not in repository:
+            repository = "library/" + repository
+    if not repository or repository != repository.lower() or " " in repository:
+        raise BadReference(f"{name!r} is not a repository name")
+    if tag is None and digest is None:
+        tag = "latest"
+    return Reference(key, repository, tag=tag, digest=digest)
+
+
+@attrs.frozen
+class Row:
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str
+    media_type: str
+    size: int  # bytes the image's descriptors name (every platform of an index)
+    stored: int  # bytes of it on this node's disk
+    pulls: int
+    last_pull: float | None
+    platforms: tuple[str, ...] = ()
+
+
+class Inventory:
+    def __init__(self, manifests: ManifestCache, registries: dict[str, str],
+                 default: str, library: dict[str, bool],
+                 names: dict[str, str] | None = None) -> None:
+        self.manifests = manifests
+        self._names = names or {}  # key -> the registry's name
+        self.store = manifests.store
+        self._registries = registries  # every name of a registry -> its key
+        self._default = default
+        self._library = library
+
+    def parse(self, text: str) -> Reference:
+        return parse_reference(text, self._registries, self._default, self._library)
+
+    def registry_key(self, name: str) -> str | None:
+        """The key of the registry known by `name` (docker.io, index.docker.io), or None."""
+        return self._registries.get(name.lower())
+
+    def registry_name(self, key: str) -> str:
+        """The registry's own name for its key (what ns= selects it by)."""
+        return self._names.get(key, key)
+
+    # --- the graph ------------------------------------------------------------------------
+    def tree(self, digest: str, depth: int = INDEX_DEPTH) -> tuple[set[str], set[str]]:
+        """(manifests, blobs) a manifest and what it names hold, as far as they are kept."""
+        manifests, blobs = {digest}, set()
+        document = self.manifests.document(digest)
+        if document is None:
+            return manifests, blobs
+        children, named = references(document)
+        blobs.update(named)
+        for child in children if depth > 0 else ():
+            m, b = self.tree(child, depth - 1)
+            manifests |= m
+            blobs |= b
+        return manifests, blobs
+
+    def live(self, excluding: Iterable[str] = ()) -> set[str]:
+        """Every digest a kept manifest (other than `excluding`) is or names."""
+        skip = set(excluding)
+        alive: set[str] = set()
+        for digest in self.manifests.stored_manifests():
+            if digest in skip:
+                continue
+            alive.add(digest)
+            document = self.manifests.document(digest)
+            if document is not None:
+                children, blobs = references(document)
+                alive.update(children)
+                alive.update(blobs)
+        return alive
+
+    # --- what is cached ---------------------------------------------------------------
+    def rows(self, registry: str | None = None) -> list[Row]:
+        pulls = self.manifests.pulls
+        rows = []
+        tagged = set()
+        for key, name, tag, entry in self.manifests.tags():
+            if registry is not None and key != registry:
+                continue
+            tagged.add((key, name, entry.digest))
+            rows.append(self._row(key, name, tag, entry.digest, entry.media_type))
+        for (key, name, digest), usage in pulls.records() if pulls is not None else ():
+            if (registry is not None and key != registry) or (key, name, digest) in tagged:
+                continue
+            if not self.store.has(digest) or self._is_child(digest):
+                continue
+            rows.append(self._row(key, name, None, digest, self.manifests.media_type(digest)
+                                  or ""))
+        return rows
+
+    def _is_child(self, digest: str) -> bool:
+        """Whether a kept index names this manifest (it is listed under its index)."""
+        for other in self.manifests.stored_manifests():
+            document = self.manifests.document(other)
+            if document is not None and digest in references(document)[0]:
+                return True
+        return False
+
+    def _row(self, key: str, name: str, tag: str | None, digest: str, media_type: str) -> Row:
+        size = stored = 0
+        platforms = []
+        document = self.manifests.document(digest)
+        images = [(digest, document)]
+        if document is not None and document.get("manifests"):
+            images = []
+            for child in document["manifests"]:
+                if not isinstance(child, dict) or not is_valid_digest(str(child.get("digest"))):
+                    continue
+                platform = child.get("platform") or {}
+                if isinstance(platform, dict) and platform.get("os"):
+                    platforms.append("/".join(str(platform[k]) for k in
+                                              ("os", "architecture", "variant") if platform.get(k)))
+                images.append((child["digest"], self.manifests.document(child["digest"])))
+        for _, image in images:
+            if image is None:
+                continue
+            size += described_size(image)
+            for blob in references(image)[1]:
+                stored += self.store.size_of(blob) or 0
+        pulls = self.manifests.pulls
+        usage = pulls.get(key, name, digest) if pulls is not None else None
+        last = max(usage.last if usage else 0.0, 0.0) or None
+        return Row(key, name, tag, digest, media_type, size, stored,
+                   usage.pulls if usage else 0, last, tuple(platforms))
+
+    # --- removal ----------------------------------------------------------------------
+    async def remove(self, ref: Reference) -> dict:
+        """Remove what `ref` names: a tag (and its image, if no other tag names it), every
+        tag of a repository naming a digest (and the image), or a bare digest everywhere.
+        Returns what was done; nothing matched: {"matched": False}."""
+        tags = list(self.manifests.tags())
+        if ref.digest is None:
+            doomed_tags = [(k, n, t, e) for k, n, t, e in tags
+                           if (k, n, t) == (ref.registry, ref.repository, ref.tag)]
+            digests = {e.digest for *_, e in doomed_tags}
+        elif ref.registry is None:
+            doomed_tags = [x for x in tags if x[3].digest == ref.digest]
+            digests = {ref.digest}
+        else:
+            doomed_tags = [x for x in tags if x[3].digest == ref.digest
+                           and (x[0], x[1]) == (ref.registry, ref.repository)]
+            digests = {ref.digest}
+        known = any(self.store.has(d) for d in digests)
+        if not doomed_tags and not known:
+            return {"matched": False}
+        for key, name, tag, _ in doomed_tags:
+            await self.manifests.forget_tag(key, name, tag)
+        gone = {(k, n, t) for k, n, t, _ in doomed_tags}
+        still_tagged = {e.digest for k, n, t, e in tags if (k, n, t) not in gone}
+        result = {"matched": True, "tags": [f"{k}/{n}:{t}" for k, n, t, _ in doomed_tags],
+                  "manifests": [], "blobs": [], "busy": [], "kept": []}
+        for digest in sorted(digests):
+            if digest in still_tagged and ref.registry is not None:
+                result["kept"].append(digest)  # another tag names this image
+                continue
+            if self.manifests.media_type(digest) is None and ref.registry is None:
+                # A bare digest that is not a manifest: that blob, whatever names it.
+                await self._remove_blob(digest, result)
+                continue
+            await self._remove_tree(digest, result)
+        return result
+
+    async def _remove_tree(self, digest: str, result: dict) -> None:
+        manifests, blobs = self.tree(digest)
+        alive = self.live(excluding=manifests)
+        for m in sorted(manifests - alive):
+            outcome = await self.manifests.forget_manifest(m)
+            self._note(result, "manifests", m, outcome)
+            self._forget_pulls(m)
+        for b in sorted(blobs - alive):
+            await self._remove_blob(b, result)
+
+    async def _remove_blob(self, digest: str, result: dict) -> None:
+        outcome = self.store.remove(digest)
+        self._note(result, "blobs", digest, outcome)
+        if outcome != "busy":
+            bucket = self.manifests._bucket
+            if bucket is not None:
+                await bucket.delete_blob(digest)
+
+    def _forget_pulls(self, digest: str) -> None:
+        pulls = self.manifests.pulls
+        if pulls is None:
+            return
+        for (key, name, d), _ in pulls.records():
+            if d == digest:
+                pulls.forget(key, name, d)
+
+    @staticmethod
+    def _note(result: dict, what: str, digest: str, outcome: str) -> None:
+        if outcome == "removed":
+            result[what].append(digest)
+        elif outcome == "busy":
+            result["busy"].append(digest)
+
+    async def gc(self) -> dict:
+        """Remove every blob no kept manifest names (never one being downloaded)."""
+        alive = self.live()
+        manifests = set(self.manifests.stored_manifests())
+        result = {"matched": True, "tags": [], "manifests": [], "blobs": [], "busy": [],
+                  "kept": []}
+        for digest in self.store.digests():
+            if digest in alive or digest in manifests:
+                continue
+            await self._remove_blob(digest, result)
+        result["freed"] = None
+        return result
+
+    # --- retention ----------------------------------------------------------------------
+    async def expire(self, key: str, max_age: float, keep: tuple[str, ...], now: float) -> dict:
+        """Retention for one registry: tags (and untagged images) not pulled for `max_age`
+        seconds, outside the `keep` patterns, go with the blobs nothing else names."""
+        result = {"matched": True, "tags": [], "manifests": [], "blobs": [], "busy": [],
+                  "kept": []}
+        pulls = self.manifests.pulls
+        tags = [x for x in self.manifests.tags() if x[0] == key]
+        doomed: list[tuple[str, str, str, TagEntry]] = []
+        for k, name, tag, entry in tags:
+            if any(fnmatch.fnmatchcase(name, p) for p in keep):
+                continue
+            usage = pulls.get(k, name, entry.digest) if pulls is not None else None
+            last = max(entry.checked, usage.last if usage else 0.0)
+            if now - last <= max_age:
+                continue
+            if self._in_use(entry.digest):
+                result["busy"].append(entry.digest)  # a pull of it runs: not now
+                continue
+            doomed.append((k, name, tag, entry))
+        for k, name, tag, _ in doomed:
+            await self.manifests.forget_tag(k, name, tag)
+            result["tags"].append(f"{k}/{name}:{tag}")
+        remaining = {e.digest for *_, e in self.manifests.tags()}
+        candidates = {e.digest for *_, e in doomed} - remaining
+        for (k, name, digest), usage in pulls.records() if pulls is not None else ():
+            if k == key and digest not in remaining and now - usage.last > max_age and \
+                    not any(fnmatch.fnmatchcase(name, p) for p in keep):
+                candidates.add(digest)
+        recent = {d for (_, _, d), u in (pulls.records() if pulls else ())
+                  if now - u.last <= max_age}
+        for digest in sorted(candidates - recent):
+            if self.store.has(digest) and not self._in_use(digest):
+                await self._remove_tree(digest, result)
+        return result
+
+    def _in_use(self, digest: str) -> bool:
+        """Whether any blob or manifest of this image is being downloaded or read."""
+        manifests, blobs = self.tree(digest)
+        return any(self.store.in_use(d) for d in manifests | blobs)

@@ -1,0 +1,110 @@
+"""When each cached image was last pulled, and how often: what `docxy cache ls` shows and
+what retention (`max_age`) measures.
+
+A pull is a client's GET of a manifest, by tag or by digest, counted for the digest it
+was answered with under its registry and repository.  A warm-up's GET is not a pull, but
+it starts the clock of an image nobody pulled yet.  The counts live in memory and are
+written to `<cache-dir>/usage.json` every minute and when docxy stops; a crash loses at
+most that minute.  Each node counts its own pulls.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+from twisted.application import service
+from twisted.internet import task
+from twisted.logger import Logger
+
+from docxy.files import atomic_write
+
+log = Logger()
+
+SAVE_EVERY = 60.0
+MAX_RECORDS = 200_000  # (registry, repository, digest) triples kept; the oldest go first
+
+
+@attrs.define
+class Usage:
+    pulls: int = 0
+    last: float = 0.0  # reactor.seconds() of the last pull (or warm-up); 0: never
+
+
+class PullLog:
+    def __init__(self, path: Path, clock) -> None:
+        self._path = Path(path)
+        self._clock = clock
+        self._records: dict[tuple[str, str, str], Usage] = {}
+        self._dirty = False
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            rows = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warn("ignoring unreadable {path}: {err}", path=str(self._path), err=str(e))
+            return
+        for row in rows if isinstance(rows, list) else ():
+            try:
+                key = (str(row["registry"]), str(row["repository"]), str(row["digest"]))
+                self._records[key] = Usage(int(row["pulls"]), float(row["last"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+
+    def pulled(self, registry: str, repository: str, digest: str, warm: bool = False) -> None:
+        key = (registry, repository, digest)
+        usage = self._records.pop(key, None) or Usage()
+        if not warm:
+            usage.pulls += 1
+        usage.last = self._clock.seconds()
+        self._records[key] = usage  # newest last
+        if len(self._records) > MAX_RECORDS:
+            self._records.pop(next(iter(self._records)))
+        self._dirty = True
+
+    def get(self, registry: str, repository: str, digest: str) -> Usage | None:
+        return self._records.get((registry, repository, digest))
+
+    def last_of(self, digest: str) -> float:
+        """The last pull of `digest` in any repository (0 if none)."""
+        return max((u.last for (_, _, d), u in self._records.items() if d == digest), default=0.0)
+
+    def records(self) -> list[tuple[tuple[str, str, str], Usage]]:
+        return list(self._records.items())
+
+    def forget(self, registry: str, repository: str, digest: str) -> None:
+        if self._records.pop((registry, repository, digest), None) is not None:
+            self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        rows = [{"registry": r, "repository": n, "digest": d, "pulls": u.pulls, "last": u.last}
+                for (r, n, d), u in self._records.items()]
+        try:
+            atomic_write(self._path, json.dumps(rows).encode())
+            self._dirty = False
+        except OSError as e:
+            log.warn("cannot save {path}: {err}", path=str(self._path), err=e.strerror or str(e))
+
+
+class PullLogService(service.Service):
+    """Writes the pull log every minute and at the stop."""
+
+    def __init__(self, pulls: PullLog, clock) -> None:
+        self._pulls = pulls
+        self._loop = task.LoopingCall(pulls.save)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(SAVE_EVERY, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        self._pulls.save()
