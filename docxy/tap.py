@@ -489,6 +489,9 @@ docxy does not start as an open relay: a listener that is not loopback needs --h
         settings = read_config_file(self["config"]) if self["config"] else FileSettings()
         upstreams, default = self.upstreams(settings)
         cluster = self.cluster_options(settings)
+        if self["no-cache"] and (settings.warm or any(u.max_age for u in upstreams)):
+            raise usage.UsageError("[[warm]] and max_age need the cache (not --no-cache): "
+                                   "there is nothing to warm or expire without it")
         return Config(
             **cluster,
             lease_ttl=self["lease-ttl"],

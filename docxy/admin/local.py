@@ -47,12 +47,12 @@ class LocalSite(DocxySite):
 
 @implementer(IAgentEndpointFactory)
 class _ToSocket:
-    def __init__(self, reactor, path: str) -> None:
+    def __init__(self, reactor, path) -> None:
         self._reactor = reactor
-        self._path = path
+        self._path = path  # () -> the socket's path, known once the service runs
 
     def endpointForURI(self, uri):
-        return UNIXClientEndpoint(self._reactor, self._path, timeout=10)
+        return UNIXClientEndpoint(self._reactor, self._path(), timeout=10)
 
 
 class LocalMirror(service.Service):
@@ -60,26 +60,32 @@ class LocalMirror(service.Service):
 
     def __init__(self, reactor, resource, policy, metrics, request_timeout: float) -> None:
         self._reactor = reactor
-        self._dir = Path(tempfile.mkdtemp(prefix="docxy-local-"))  # mode 0700
-        self.path = str(self._dir / "api.sock")
+        self._dir: Path | None = None  # made at the start: mode 0700, removed at the stop
+        self.path = ""
         self._site = LocalSite(resource, reactor, metrics, request_timeout)
-        self._listener = strports.service(f"unix:{self.path}:mode=600", self._site,
-                                          reactor=reactor)
+        self._listener = None
         self._policy = policy
         self._tokens: dict[tuple[str, str], str] = {}  # (registry, /v2/<name>) -> token
         self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._agent = Agent.usingEndpointFactory(reactor, _ToSocket(reactor, self.path),
+        self._agent = Agent.usingEndpointFactory(reactor, _ToSocket(reactor, lambda: self.path),
                                                  pool=self._pool)
 
     def startService(self) -> None:
         super().startService()
+        self._dir = Path(tempfile.mkdtemp(prefix="docxy-local-"))
+        self.path = str(self._dir / "api.sock")
+        self._listener = strports.service(f"unix:{self.path}:mode=600", self._site,
+                                          reactor=self._reactor)
         self._listener.startService()
 
     def stopService(self):
         super().stopService()
         d = self._pool.closeCachedConnections()
-        d.addBoth(lambda _: self._listener.stopService())
-        d.addBoth(lambda _: shutil.rmtree(self._dir, ignore_errors=True))
+        listener, directory = self._listener, self._dir
+        if listener is not None:
+            d.addBoth(lambda _: listener.stopService())
+        if directory is not None:
+            d.addBoth(lambda _: shutil.rmtree(directory, ignore_errors=True))
         return d
 
     async def get(self, registry: str, path: str, headers: dict[bytes, list[bytes]]):

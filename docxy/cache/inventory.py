@@ -17,7 +17,7 @@ import attrs
 from twisted.logger import Logger
 
 from docxy.cache.manifests import ManifestCache, TagEntry
-from docxy.registry.names import is_valid_digest
+from docxy.registry.names import is_valid_digest, is_valid_name, is_valid_tag
 
 log = Logger()
 
@@ -85,14 +85,19 @@ def parse_reference(text: str, registries: dict[str, str], default: str,
     first, _, rest = name.partition("/")
     if rest and first.lower() in registries:
         key, repository = registries[first.lower()], rest
+    elif rest and ("." in first or ":" in first or first == "localhost"):
+        raise BadReference(f"docxy does not mirror {first} (it mirrors "
+                           f"{', '.join(sorted(set(registries)))})")
     else:
         key, repository = registries[default], name
         if library.get(key) and "/" not in repository:
             repository = "library/" + repository
-    if not repository or repository != repository.lower() or " " in repository:
+    if not is_valid_name(repository):
         raise BadReference(f"{name!r} is not a repository name")
     if tag is None and digest is None:
         tag = "latest"
+    if tag is not None and not is_valid_tag(tag):
+        raise BadReference(f"{tag!r} is not a tag")
     return Reference(key, repository, tag=tag, digest=digest)
 
 

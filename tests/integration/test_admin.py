@@ -59,6 +59,15 @@ def _admin_daemon(up, workdir, *extra):
     return Docxy(workdir, args), f"http://127.0.0.1:{port}"
 
 
+def _metric(admin: str, name: str) -> float:
+    """A value of the admin listener's /metrics."""
+    with urllib.request.urlopen(f"{admin}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def _listed(admin: str) -> set[tuple[str, str | None]]:
     ran = run_cli(admin, "cache", "ls", "--json")
     assert ran.code == 0, ran.err
@@ -230,3 +239,27 @@ def test_retention_expires_only_what_was_not_pulled_and_never_a_running_pull(up,
         poll_until(lambda: not cached_blob(cache, big.digest).exists(), 30)
         assert sweeps >= 1
         assert "retention for docker.io: removed" in docxy.log()
+
+
+def test_a_scheduled_warm_up_and_a_client_pulling_at_once_share_one_download(up, short_tmp):
+    """[[warm]] warms the large image at the start; a client pulling it meanwhile gets it
+    from the same download: the CDN sends the big layer once, and only the client's GET
+    counts as a pull."""
+    config = short_tmp / "docxy.toml"
+    config.write_text('[[warm]]\nimages = ["docker.io/library/large:latest"]\nevery = "1h"\n')
+    big = max(up.images.large.manifest.layers, key=lambda x: x.size)
+    up.restart_cdn("slow")  # 1 MB/s: the warm-up's download runs for ~20 s
+    daemon, admin = _admin_daemon(up, short_tmp / "docxy", "--config", str(config))
+    with daemon as docxy:
+        time.sleep(8)  # the schedule starts 5 s after the start
+        with Skopeo(short_tmp / "skopeo", tls_verify=False) as skopeo:
+            assert skopeo.copy(f"{docxy.host}/{up.images.large.ref}",
+                               timeout=240).digest == up.images.large.digest
+        poll_until(lambda: "scheduled warm-up of docker.io/library/large:latest" in docxy.log(),
+                   60)
+        assert _blob_gets(up, {big.digest}) == [big.digest]
+        assert cached_blob(docxy.workdir / "cache", big.digest).exists()
+        assert _metric(admin, "docxy_cache_joined_downloads_total") >= 1  # the client joined
+        ran = run_cli(admin, "cache", "ls", "--json")
+        row = next(r for r in ran.json()["images"] if r["repository"] == "library/large")
+        assert row["pulls"] == 1 and row["stored"] == row["size"]

@@ -99,6 +99,9 @@ def test_environment_fills_in_and_command_line_wins(certs):
         (["--accel-redirect", "/_blobs", "--no-cache"], {}, "needs the cache"),
         (["--accel-redirect", "_blobs"], {}, "is not a URL path"),
         ([], {"DOCXY_ACCEL_REDIRECT": "/a b"}, "is not a URL path"),
+        (["--admin-listen", "tcp:5002"], {}, "is not a loopback address"),
+        ([], {"DOCXY_ADMIN_LISTEN": "tcp:5002:interface=0.0.0.0"}, "give --admin-htpasswd"),
+        (["--admin-htpasswd", "/etc/docxy/admins"], {}, "needs --admin-listen"),
     ],
 )
 def test_bad_options_are_usage_errors(argv, env, message):
@@ -302,3 +305,25 @@ def test_cluster_options_from_command_line_environment_and_file(tmp_path):
     assert config.lease_ttl == 7.0
     plain = parse([]).config()
     assert plain.store is None and plain.cluster is None
+
+
+def test_admin_options_and_the_file_s_tools_reach_the_config(tmp_path):
+    users = tmp_path / "admins"
+    users.write_text("ops:$2b$12$abcdefghijklmnopqrstuuMQ0oPD1kEoKQ0o0Hh6fKZzJkqWTuv3u\n")
+    config = tmp_path / "docxy.toml"
+    config.write_text('retention_interval = "10m"\n[[warm]]\nimages = ["alpine"]\n'
+                      'every = "1h"\n')
+    options = parse(["--admin-listen", "tcp:5002", "--admin-htpasswd", str(users),
+                     "--config", str(config)])
+    built = options.config()
+    assert (built.admin_listen, built.admin_htpasswd) == ("tcp:5002", str(users))
+    assert built.retention_interval == 600 and built.warm[0].images == ("alpine",)
+    local = parse([], {"DOCXY_ADMIN_LISTEN": "tcp:5002:interface=127.0.0.1"}).config()
+    assert local.admin_listen == "tcp:5002:interface=127.0.0.1" and local.admin_htpasswd is None
+
+
+def test_warm_ups_and_retention_need_the_cache(tmp_path):
+    config = tmp_path / "docxy.toml"
+    config.write_text('[upstream."docker.io"]\nmax_age = "30d"\n')
+    with pytest.raises(usage.UsageError, match="need the cache"):
+        parse(["--no-cache", "--config", str(config)]).config()

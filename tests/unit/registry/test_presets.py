@@ -132,6 +132,17 @@ def test_global_mirror_mode_applies_unless_a_table_says_otherwise(tmp_path):
         ('mirrors = 1\n', "unknown setting(s) mirrors"),
         ('default = 1\n', "default must be a string"),
         ('upstream = 1\n', "upstream must be tables"),
+        ('[upstream."docker.io"]\nmax_age = 30\n', 'max_age is a string like "30d"'),
+        ('[upstream."docker.io"]\nmax_age = "soon"\n', "max_age: a duration is like 30d"),
+        ('[upstream."docker.io"]\nkeep = "library/*"\n', "keep must be a list of strings"),
+        ('retention_interval = 60\n', 'retention_interval is a string like "1h"'),
+        ('[[warm]]\nevery = "6h"\n', "images must be a non-empty list"),
+        ('[[warm]]\nimages = ["alpine"]\n', "every is missing"),
+        ('[[warm]]\nimages = ["alpine"]\nevery = "10s"\n', "every must be at least a minute"),
+        ('[[warm]]\nimages = ["alpine"]\nevery = "1h"\nplatforms = ["linux"]\n',
+         "platforms is a list like"),
+        ('[[warm]]\nimages = ["alpine"]\nevery = "1h"\nhow = 1\n', "unknown key(s) how"),
+        ('warm = 1\n', "warm must be tables"),
     ],
 )
 def test_bad_files_say_what_is_wrong(tmp_path, text, message):
@@ -207,3 +218,28 @@ def test_the_example_configuration_file_loads():
         "docker.io", "ghcr.io", "quay.io", "registry.k8s.io"
     ]
     assert config.default == PRESETS["docker.io"]
+
+
+def test_retention_and_scheduled_warm_ups_from_the_file(tmp_path):
+    settings = read_config_file(write(tmp_path, (
+        'retention_interval = "15m"\n'
+        '[upstream."docker.io"]\nmax_age = "30d"\nkeep = ["library/*", "Org/Keep"]\n'
+        '[[warm]]\nimages = ["docker.io/library/alpine:3.20", "ghcr.io/org/app:1"]\n'
+        'every = "6h"\nplatforms = ["linux/arm64"]\n'
+        '[[warm]]\nimages = ["busybox"]\nevery = "1d"\n')))
+    assert settings.retention_interval == 900
+    assert dict(settings.upstreams)["docker.io"] == {"max_age": 30 * 86400,
+                                                     "keep": ("library/*", "Org/Keep")}
+    first, second = settings.warm
+    assert first.images == ("docker.io/library/alpine:3.20", "ghcr.io/org/app:1")
+    assert (first.every, first.platforms) == (6 * 3600, ("linux/arm64",))
+    assert (second.every, second.platforms) == (86400, ())
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("6h", 21600),
+                                          ("30d", 2592000), ("2w", 1209600), ("45", 45),
+                                          ("1.5h", 5400)])
+def test_durations(text, seconds):
+    from docxy.registry.units import parse_duration
+
+    assert parse_duration(text) == seconds
