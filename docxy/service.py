@@ -335,10 +335,14 @@ def build_admin(config: Config, context: Context, reactor) -> service.MultiServi
     from docxy.admin.warmup import WarmUp
     from docxy.cache.inventory import Inventory
     from docxy.cache.usage import PullLog, PullLogService
+    from docxy.ops.history import History
+    from docxy.ops.status import StatusSource, read_counters
     from docxy.web.resources.admin import Admin
+    from docxy.web.resources.status import StatusPage
 
     tools = service.MultiService()
-    inventory = warmup = None
+    inventory = warmup = pulls = None
+    names = {cache_key(u.name): u.name for u in config.upstreams}
     manifests, blobs = context.manifests, context.blobs
     if manifests is not None and blobs is not None:
         pulls = PullLog(manifests.store.root / "usage.json", reactor)
@@ -347,8 +351,7 @@ def build_admin(config: Config, context: Context, reactor) -> service.MultiServi
         registries = {n.lower(): cache_key(u.name) for u in config.upstreams for n in u.all_names}
         inventory = Inventory(
             manifests, registries, config.default_upstream,
-            {cache_key(u.name): u.library for u in config.upstreams},
-            names={cache_key(u.name): u.name for u in config.upstreams})
+            {cache_key(u.name): u.library for u in config.upstreams}, names=names)
         local = LocalMirror(reactor, api_resource(context, admit=False), context.policy,
                             context.metrics, config.request_timeout)
         local.setServiceParent(tools)
@@ -364,9 +367,13 @@ def build_admin(config: Config, context: Context, reactor) -> service.MultiServi
                 users = Htpasswd(config.admin_htpasswd, threads.deferToThread)
             except HtpasswdError as e:
                 raise AdminConfigError(f"--admin-htpasswd: {e}") from None
-        admin = Admin(context, inventory, warmup, users)
-        site = DocxySite(admin_resource(admin, context.metrics), reactor, context.metrics,
-                         config.request_timeout)
+        # The status page plots the last hours from the counters sampled every minute.
+        history = History(lambda: read_counters(context.metrics), reactor)
+        history.setServiceParent(tools)
+        status = StatusSource(context, history, pulls, warmup, names)
+        admin = Admin(context, inventory, warmup, users, status=status.document)
+        site = DocxySite(admin_resource(admin, context.metrics, StatusPage(admin)), reactor,
+                         context.metrics, config.request_timeout)
         strports.service(config.admin_listen, site, reactor=reactor).setServiceParent(tools)
         log.info("docxy: admin API and status page on {listen}", listen=config.admin_listen)
     return tools

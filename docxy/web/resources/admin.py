@@ -202,8 +202,11 @@ class Warm(_AdminResource):
 
 
 class Status(_AdminResource):
+    """The status page's document (docxy.ops.status); `admin.status` may return it or an
+    awaitable of it."""
+
     needs_cache = False
 
     async def do_GET(self, request) -> None:
         status = self.admin.status
-        _send(request, 200, status() if status is not None else {})
+        _send(request, 200, await defer.maybeDeferred(status) if status is not None else {})
