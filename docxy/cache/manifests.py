@@ -153,6 +153,11 @@ class ManifestCache:
         self._fetching = SingleFlight()  # by (upstream, name, reference): GETs running now
         # (upstream, name, digest) -> tags a HEAD resolved to that digest, not stored yet
         self._expected_tags: dict[tuple[str, str, str], set[str]] = {}
+        # OCI referrers indexes, kept beside the manifests; imported here because that
+        # module builds on this one's rules (MAX_MANIFEST, STALE_STATUSES).
+        from docxy.cache.referrers import ReferrersCache
+
+        self.referrers = ReferrersCache(store.root / "referrers", reactor, idle_timeout)
 
     # --- the small files beside the store -----------------------------------------------
     def _type_path(self, digest: str) -> Path:

@@ -11,8 +11,8 @@ from twisted.logger import ILogObserver, jsonFileLogObserver
 
 LOG_FORMATS = ("text", "json")
 
-_PULL = re.compile(rb"^/v2/.+/(manifests|blobs|tags)/")
-_KINDS = {b"manifests": "manifest", b"blobs": "blob", b"tags": "tags"}
+_PULL = re.compile(rb"^/v2/.+/(manifests|blobs|tags|referrers)/")
+_KINDS = {b"manifests": "manifest", b"blobs": "blob", b"tags": "tags", b"referrers": "referrers"}
 _FIXED = {b"/v2/": "ping", b"/v2": "ping", b"/health": "health", b"/ready": "health",
           b"/metrics": "metrics"}
 _MAX_PATH = 200
@@ -49,7 +49,7 @@ def access_fields(request, now: float) -> dict:
     endpoint = endpoint_of(request.path or b"")
     what, reference = getattr(request, "docxy_what", ("-", ""))
     registry = repository = None
-    if endpoint in ("manifest", "blob", "tags"):
+    if endpoint in ("manifest", "blob", "tags", "referrers"):
         registry, repository = _split_what(what)
     started = getattr(request, "started", None)
     # twisted.web drops a request's channel when its connection is lost; else log() runs

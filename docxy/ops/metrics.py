@@ -37,8 +37,8 @@ class Metrics:
         )
         self.requests = Counter(
             "docxy_requests",
-            "Requests answered, by endpoint (ping, token, manifest, blob, tags, health, "
-            "metrics, other) and status code",
+            "Requests answered, by endpoint (ping, token, manifest, blob, tags, referrers, "
+            "health, metrics, other) and status code",
             ["endpoint", "status"],
             registry=self.registry,
         )

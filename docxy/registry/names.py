@@ -26,7 +26,7 @@ _DIGEST_RE = re.compile(DIGEST)
 _KNOWN_DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
 
 _ROUTE_RE = re.compile(
-    rf"^/v2/(?P<name>{NAME})/(?P<kind>manifests|blobs|tags)/(?P<ref>[^/]+)$"
+    rf"^/v2/(?P<name>{NAME})/(?P<kind>manifests|blobs|tags|referrers)/(?P<ref>[^/]+)$"
 )
 
 
@@ -42,7 +42,8 @@ class InvalidRequest(ValueError):
 
 @attrs.frozen
 class Route:
-    """A parsed pull request path: `kind` is manifests, blobs or tags."""
+    """A parsed pull request path: `kind` is manifests, blobs, tags or referrers (the OCI
+    1.1 referrers API, whose reference is the subject's digest)."""
 
     name: str
     kind: str
@@ -96,6 +97,11 @@ def parse_route(path: bytes) -> Route:
         if not is_valid_digest(ref):
             # No blob has that name: "not found", as the distribution spec answers.
             raise InvalidRequest("BLOB_UNKNOWN", "blob unknown: not a digest", 404)
+    elif kind == "referrers":
+        if not is_valid_digest(ref):
+            # The spec names no "not found" for a subject: only a digest can be one.
+            raise InvalidRequest("DIGEST_INVALID", "invalid digest: the subject of "
+                                 "referrers must be a digest")
     elif not (is_valid_digest(ref) if ":" in ref else is_valid_tag(ref)):
         # Neither a tag nor a digest: no such manifest can exist (the OCI conformance
         # suite asks for `.INVALID_MANIFEST_NAME` and expects 404).

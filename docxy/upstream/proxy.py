@@ -24,6 +24,7 @@ from docxy.registry.names import (
     upstream_path,
 )
 from docxy.registry.presets import Upstream
+from docxy.registry.referrers import artifact_type_filter, referrers_query
 from docxy.upstream.access import AccessGate
 from docxy.upstream.auth import AuthEndpoint, UpstreamAuth, is_offline_token
 from docxy.upstream.bodies import Resumer, discard
@@ -31,8 +32,8 @@ from docxy.upstream.errors import UpstreamError
 from docxy.upstream.interfaces import IUpstreamClient
 from docxy.upstream.pace import RateCap
 
-# Query parameters a pull request may carry upstream (pagination of tag lists); `ns` and
-# anything else a client adds stays here.
+# Query parameters a pull request may carry upstream (pagination of tag lists, a referrers
+# request's `artifactType`); `ns` and anything else a client adds stays here.
 _TAGS_QUERY = ("n", "last")
 # Parameters of a token request other than service and scope, passed on as they came.
 _TOKEN_PARAMS = ("account", "client_id", "offline_token")
@@ -180,6 +181,8 @@ class RegistryProxy:
         url = config.base + upstream_path(route, config.library)
         if route.kind == "tags":
             url += tags_query(query)
+        elif route.kind == "referrers":
+            url += referrers_query(artifact_type_filter(query))
         if not config.mirror_mode:
             authorization = client_headers.getRawHeaders(b"authorization", [None])[0]
             if is_offline_token(authorization):

@@ -5,6 +5,11 @@ untouched), sends tag-list requests to `tagpager` because distribution 2.8 does 
 them, adds Hub's `ratelimit-*` headers to manifest answers, and logs every request as JSON
 (with `auth=yes/no`, never the value) so tests can see what reached the upstream.
 
+With `referrers_storage` (the registry's storage directory) it sends
+`/v2/<name>/referrers/<digest>` to `harness.referrers`, which implements the OCI 1.1
+referrers API that distribution 2.8 lacks; without it those paths reach the registry, which
+answers 404, as a registry without the API does.
+
 With `sign_redirects` it appends `?sig=<nginx $request_id>` to every redirect into the
 storage tree (the registry's blob 307s to the CDN), so each redirect hands out a URL of its
 own, as Hub's signed CDN URLs are; the CDN's "single-use" mode then refuses a URL used twice.
@@ -24,7 +29,8 @@ class RegistryFront:
     """nginx (TLS on `port`) + the tag pager, in front of a plain-HTTP registry."""
 
     def __init__(self, workdir: Path, backend_port: int, cert: ServerCert, port: int = 0,
-                 interface: str = "127.0.0.1", sign_redirects: bool = False) -> None:
+                 interface: str = "127.0.0.1", sign_redirects: bool = False,
+                 referrers_storage: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.sign_redirects = sign_redirects
         self.backend_port = backend_port
@@ -32,9 +38,18 @@ class RegistryFront:
         self.interface = interface
         self.port = port or free_port(interface)
         self.pager_port = free_port(interface)
+        tests_dir = str(Path(__file__).resolve().parent.parent)
+        self.referrers: ManagedProcess | None = None
+        if referrers_storage is not None:
+            self.referrers_port = free_port(interface)
+            self.referrers = ManagedProcess(
+                "referrers",
+                [sys.executable, "-m", "harness.referrers", "--port", str(self.referrers_port),
+                 "--interface", interface, "--backend", f"http://{interface}:{backend_port}",
+                 "--storage", str(referrers_storage)],
+                self.workdir / "referrers.log", env={"PYTHONPATH": tests_dir})
         self.nginx = NginxProcess("front-nginx", self.workdir, self.port, self._http_body(),
                                   interface)
-        tests_dir = str(Path(__file__).resolve().parent.parent)
         self.pager = ManagedProcess(
             "tagpager",
             [sys.executable, "-m", "harness.tagpager", "--port", str(self.pager_port),
@@ -69,6 +84,7 @@ class RegistryFront:
         location ~ ^/v2/.+/tags/list$ {{
             proxy_pass http://harness_tagpager;
         }}
+        {self._referrers_location()}
         location ~ ^/v2/.+/manifests/ {{
             add_header ratelimit-limit "100;w=21600" always;
             add_header ratelimit-remaining "99;w=21600" always;
@@ -81,6 +97,13 @@ class RegistryFront:
     }}
 """
 
+    def _referrers_location(self) -> str:
+        if self.referrers is None:
+            return ""
+        return (f"location ~ ^/v2/.+/referrers/ {{\n"
+                f"            proxy_pass http://{self.interface}:{self.referrers_port};\n"
+                f"        }}")
+
     def _redirect_rule(self) -> str:
         if not self.sign_redirects:
             return "proxy_redirect off;"
@@ -92,12 +115,17 @@ class RegistryFront:
         self.nginx.http_body = self._http_body()
         self.pager.start()
         wait_for_port(self.interface, self.pager_port, timeout, self.pager)
+        if self.referrers is not None:
+            self.referrers.start()
+            wait_for_port(self.interface, self.referrers_port, timeout, self.referrers)
         self.nginx.start(timeout)
         return self
 
     def stop(self) -> None:
         self.nginx.stop()
         self.pager.stop()
+        if self.referrers is not None:
+            self.referrers.stop()
 
     def running(self) -> bool:
         return self.nginx.running()

@@ -13,7 +13,11 @@ that cuts or stalls connections, TLS passing through) between the registry's red
 the CDN: the redirects name https://localhost:<cutter port>, and `up.cutter.budget = 1 << 20`
 cuts every CDN connection after 1 MiB (None: no cuts). `signed_urls=True` makes the front
 append a unique `?sig=` to every blob redirect (see harness.front), for the CDN's
-"single-use" mode (`up.restart_cdn("single-use")`).
+"single-use" mode (`up.restart_cdn("single-use")`). `referrers_api=True` gives the front the
+OCI 1.1 referrers API (harness.referrers; distribution 2.8 has none). `prepare(client, images)`
+is called with a harness.images.RegistryClient on the registry while its auth is still off,
+after the test images are pushed, to push more (signatures); what it returns is
+`up.prepared`.
 
 Use it as a context manager or call `stop()`; every process it started (and the cutter) is
 stopped.
@@ -30,7 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlencode
 
 from . import images as images_mod
@@ -84,6 +88,7 @@ class Upstream:
     redirect: bool = True
     cutter: Cutter | None = None  # between the registry's redirects and the CDN
     signed_urls: bool = False
+    prepared: Any = None  # what `prepare` returned
 
     # -- construction --------------------------------------------------------------------
 
@@ -94,7 +99,10 @@ class Upstream:
               users: Mapping[str, str] | None = None,
               private_repos: Sequence[str] = DEFAULT_PRIVATE_REPOS,
               cdn_host: str = "localhost", image_padding: int = 0,
-              cdn_cutter: bool = False, signed_urls: bool = False) -> "Upstream":
+              cdn_cutter: bool = False, signed_urls: bool = False,
+              referrers_api: bool = False,
+              prepare: Callable[[images_mod.RegistryClient, images_mod.ImageSet], Any] | None = None,
+              ) -> "Upstream":
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -119,7 +127,8 @@ class Upstream:
             tls_cert_path=str(token_cert.chain_path), tls_key_path=str(token_cert.key_path),
         ), workdir / "token")
         front = RegistryFront(workdir / "front", registry.port, registry_cert,
-                              sign_redirects=signed_urls)
+                              sign_redirects=signed_urls,
+                              referrers_storage=storage if referrers_api else None)
         cutter = Cutter(cdn.port, cdn.interface) if cdn_cutter else None
         started: list[Any] = []
         try:
@@ -129,6 +138,10 @@ class Upstream:
                 registry.url, cache, large_layer_size,
                 private_repository=cls._private_example(private_repos),
                 padding=image_padding)
+            prepared = None
+            if prepare is not None:
+                with images_mod.RegistryClient(registry.url) as client:
+                    prepared = prepare(client, image_set)
             cdn.start()
             started.append(cdn)
             token_server.start()
@@ -141,7 +154,8 @@ class Upstream:
                      registry_cert=registry_cert, cdn_cert=cdn_cert, token_cert=token_cert,
                      signing_cert=signing, cert_dir=cert_dir, registry=registry, front=front,
                      cdn=cdn, token_server=token_server, images=image_set,
-                     auth=auth, redirect=redirect, cutter=cutter, signed_urls=signed_urls)
+                     auth=auth, redirect=redirect, cutter=cutter, signed_urls=signed_urls,
+                     prepared=prepared)
             registry.restart(**up._registry_changes(auth, redirect))
             front.start()
             started.append(front)

@@ -44,12 +44,13 @@ def access_events():
     [(b"/v2/", "ping"), (b"/v2", "ping"), (b"/auth/token", "token"),
      (b"/auth/token/ghcr.io", "token"), (b"/v2/library/alpine/manifests/latest", "manifest"),
      (b"/v2/a/b/c/blobs/" + DIGEST.encode(), "blob"), (b"/v2/org/app/tags/list", "tags"),
+     (b"/v2/org/app/referrers/" + DIGEST.encode(), "referrers"),
      (b"/health", "health"), (b"/ready", "health"), (b"/metrics", "metrics"),
      (b"/auth/tokenx", "other"), (b"/v2/manifests/x", "other"), (b"/", "other"),
      (b"/metrics/x", "other")],
 )
 def test_endpoint_labels_are_a_small_fixed_set(path, endpoint):
-    """Every path maps to one of eight endpoint names, never to a repository name."""
+    """Every path maps to one of nine endpoint names, never to a repository name."""
     assert endpoint_of(path) == endpoint
 
 

@@ -6,6 +6,7 @@ from docxy.registry.names import (
     Route,
     is_valid_digest,
     is_valid_name,
+    is_valid_tag,
     parse_route,
     rewrite_scope,
     scope_repositories,
@@ -137,3 +138,56 @@ def test_digest_and_name_checks():
     assert not is_valid_digest("sha512:" + "b" * 64)
     assert is_valid_name("a/b-c/d__e")
     assert not is_valid_name("a" * 256)
+
+
+HEX = "b" * 64
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        f"sha256-{HEX}",  # the referrers tag schema (OCI distribution spec 1.1): an index
+        f"sha256-{HEX}.sig",  # cosign's signature tag
+        f"sha256-{HEX}.att",  # cosign's attestation tag
+        f"sha256-{HEX}.sbom",
+        "sha512-" + "c" * 121,  # 128 characters: the longest tag there is
+    ],
+)
+def test_referrers_tag_schema_tags_are_tags(tag):
+    """The tags signing tools push where a registry has no referrers API are ordinary tags:
+    they route as manifests by tag, like any other."""
+    assert is_valid_tag(tag)
+    path = f"/v2/org/app/manifests/{tag}".encode()
+    assert parse_route(path) == Route("org/app", "manifests", tag)
+    assert not parse_route(path).is_digest
+
+
+def test_a_tag_past_128_characters_is_no_tag():
+    assert not is_valid_tag("sha512-" + "c" * 122)
+
+
+@pytest.mark.parametrize(
+    "path, route",
+    [
+        (f"/v2/org/app/referrers/sha256:{HEX}".encode(), Route("org/app", "referrers", f"sha256:{HEX}")),
+        (f"/v2/alpine/referrers/sha256:{HEX}".encode(), Route("alpine", "referrers", f"sha256:{HEX}")),
+        # a component named like the endpoint is still part of the name
+        (f"/v2/x/referrers/y/referrers/sha256:{HEX}".encode(),
+         Route("x/referrers/y", "referrers", f"sha256:{HEX}")),
+    ],
+)
+def test_referrers_paths_parse(path, route):
+    """`/v2/<name>/referrers/<digest>` (OCI 1.1) routes, with the upstream path as is."""
+    assert parse_route(path) == route
+    assert upstream_path(route, True).endswith(f"/referrers/sha256:{HEX}")
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [b"latest", b"sha256:abc", b"sha256:" + b"A" * 64, f"sha256-{HEX}".encode(), b"sha256:" + b"0" * 63],
+)
+def test_referrers_of_no_digest_are_refused(ref):
+    """The subject of referrers must be a digest: anything else is 400 DIGEST_INVALID."""
+    with pytest.raises(InvalidRequest) as info:
+        parse_route(b"/v2/org/app/referrers/" + ref)
+    assert (info.value.code, info.value.status) == ("DIGEST_INVALID", 400)
