@@ -289,9 +289,10 @@ def build_service(config: Config, reactor) -> service.MultiService:
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     _ClosePools(clients).setServiceParent(top)
     ClusterService(parts).setServiceParent(top)
-    build_admin(config, context, reactor).setServiceParent(top)
+    tools, inventory = build_admin(config, context, reactor)
+    tools.setServiceParent(top)
     if config.node_listen and blobs is not None:
-        node_site = DocxySite(node_resource(blobs, parts, reactor), reactor, metrics,
+        node_site = DocxySite(node_resource(blobs, parts, reactor, inventory), reactor, metrics,
                               config.request_timeout)
         strports.service(config.node_listen, node_site, reactor=reactor).setServiceParent(top)
         log.info("docxy: node {url} of the cluster {redis}; peers stream from {listen}",
@@ -326,9 +327,10 @@ class AdminConfigError(Exception):
     """Admin settings that cannot be used (its users file)."""
 
 
-def build_admin(config: Config, context: Context, reactor) -> service.MultiService:
+def build_admin(config: Config, context: Context, reactor):
     """The operators' tools: the pull log, warm-ups (on demand and scheduled), retention,
-    and the admin listener with its API and status page.  Raises AdminConfigError."""
+    and the admin listener with its API and status page; returns (their service, the
+    cache's Inventory or None).  Raises AdminConfigError."""
     from docxy.admin.local import LocalMirror
     from docxy.admin.retention import RetentionService
     from docxy.admin.schedule import WarmSchedule
@@ -346,12 +348,14 @@ def build_admin(config: Config, context: Context, reactor) -> service.MultiServi
     manifests, blobs = context.manifests, context.blobs
     if manifests is not None and blobs is not None:
         pulls = PullLog(manifests.store.root / "usage.json", reactor)
+        pulls.shared = context.cluster.state if context.cluster is not None else None
         manifests.pulls = pulls
         PullLogService(pulls, reactor).setServiceParent(tools)
         registries = {n.lower(): cache_key(u.name) for u in config.upstreams for n in u.all_names}
         inventory = Inventory(
             manifests, registries, config.default_upstream,
             {cache_key(u.name): u.library for u in config.upstreams}, names=names)
+        inventory.cluster = context.cluster  # a removal is applied by every node
         local = LocalMirror(reactor, api_resource(context, admit=False), context.policy,
                             context.metrics, config.request_timeout)
         local.setServiceParent(tools)
@@ -376,7 +380,7 @@ def build_admin(config: Config, context: Context, reactor) -> service.MultiServi
                          context.metrics, config.request_timeout)
         strports.service(config.admin_listen, site, reactor=reactor).setServiceParent(tools)
         log.info("docxy: admin API and status page on {listen}", listen=config.admin_listen)
-    return tools
+    return tools, inventory
 
 
 def redacted_url(url: str | None) -> str:

@@ -16,7 +16,7 @@ from typing import Iterable
 import attrs
 from twisted.logger import Logger
 
-from docxy.cache.manifests import ManifestCache, TagEntry
+from docxy.cache.manifests import ManifestCache, TagEntry, cache_key
 from docxy.registry.names import is_valid_digest, is_valid_name, is_valid_tag
 
 log = Logger()
@@ -40,6 +40,12 @@ def references(document: dict) -> tuple[list[str], list[str]]:
         if isinstance(layer, dict) and is_valid_digest(str(layer.get("blobSum", ""))):
             blobs.append(layer["blobSum"])
     return children, blobs
+
+
+def _result(**given) -> dict:
+    """What a removal did, as the admin API answers it."""
+    return {"matched": True, "tags": [], "manifests": [], "blobs": [], "busy": [], "kept": [],
+            **given}
 
 
 def described_size(document: dict) -> int:
@@ -121,6 +127,7 @@ class Inventory:
                  names: dict[str, str] | None = None) -> None:
         self.manifests = manifests
         self._names = names or {}  # key -> the registry's name
+        self.cluster = None  # docxy.cluster.node.ClusterParts: other nodes told of removals
         self.store = manifests.store
         self._registries = registries  # every name of a registry -> its key
         self._default = default
@@ -225,11 +232,17 @@ class Inventory:
     async def remove(self, ref: Reference) -> dict:
         """Remove what `ref` names: a tag (and its image, if no other tag names it), every
         tag of a repository naming a digest (and the image), or a bare digest everywhere.
-        Returns what was done; nothing matched: {"matched": False}."""
+        In a cluster the other nodes are told, and remove their own copies.  Returns what
+        was done; nothing matched: {"matched": False}."""
         tags = list(self.manifests.tags())
         if ref.digest is None:
             doomed_tags = [(k, n, t, e) for k, n, t, e in tags
                            if (k, n, t) == (ref.registry, ref.repository, ref.tag)]
+            if not doomed_tags:
+                # A tag this node never served may be known to the cluster (Redis, bucket).
+                entry = await self.manifests.known_tag(ref.registry, ref.repository, ref.tag)
+                if entry is not None:
+                    doomed_tags = [(ref.registry, ref.repository, ref.tag, entry)]
             digests = {e.digest for *_, e in doomed_tags}
         elif ref.registry is None:
             doomed_tags = [x for x in tags if x[3].digest == ref.digest]
@@ -245,36 +258,79 @@ class Inventory:
             await self.manifests.forget_tag(key, name, tag)
         gone = {(k, n, t) for k, n, t, _ in doomed_tags}
         still_tagged = {e.digest for k, n, t, e in tags if (k, n, t) not in gone}
-        result = {"matched": True, "tags": [f"{k}/{n}:{t}" for k, n, t, _ in doomed_tags],
-                  "manifests": [], "blobs": [], "busy": [], "kept": []}
+        result = _result(tags=[f"{k}/{n}:{t}" for k, n, t, _ in doomed_tags])
+        roots, bare = [], []
         for digest in sorted(digests):
             if digest in still_tagged and ref.registry is not None:
                 result["kept"].append(digest)  # another tag names this image
                 continue
             if self.manifests.media_type(digest) is None and ref.registry is None:
                 # A bare digest that is not a manifest: that blob, whatever names it.
-                await self._remove_blob(digest, result)
+                bare.append(digest)
+                await self._remove_blob(digest, result, bucket=True)
                 continue
-            await self._remove_tree(digest, result)
+            roots.append(digest)
+            await self._remove_tree(digest, result, bucket=True)
+        await self._tell_peers({"tags": [[k, n, t] for k, n, t, _ in doomed_tags],
+                                "roots": roots, "blobs": bare}, result)
         return result
 
-    async def _remove_tree(self, digest: str, result: dict) -> None:
+    async def _tell_peers(self, document: dict, result: dict) -> None:
+        cluster = self.cluster
+        if cluster is None or cluster.members is None or cluster.peers is None:
+            return
+        from docxy.cluster.peers import PeerUnreachable
+
+        result["nodes"] = {}
+        for node in await cluster.members.members():
+            if node == cluster.node_url:
+                continue
+            try:
+                status = await cluster.peers.forget(node, document)
+            except PeerUnreachable:
+                status = None
+            result["nodes"][node] = "removed" if status == 200 else (
+                f"answered {status}" if status else "unreachable: its disk keeps its copies")
+
+    async def forget_locally(self, document: dict) -> dict:
+        """What another node's `cache rm` removed, removed here: its tags, the images it
+        named (keeping what this node's other manifests name) and its bare blobs."""
+        result = _result()
+        for item in document.get("tags") or ():
+            if not (isinstance(item, list) and len(item) == 3 and all(
+                    isinstance(x, str) for x in item)):
+                continue
+            key, name, tag = item
+            if key != cache_key(key) or key in ("", ".", "..") or not is_valid_name(name) \
+                    or not is_valid_tag(tag):
+                continue
+            if self.manifests.forget_local_tag(key, name, tag):
+                result["tags"].append(f"{key}/{name}:{tag}")
+        for digest in document.get("roots") or ():
+            if isinstance(digest, str) and is_valid_digest(digest) and self.store.has(digest):
+                await self._remove_tree(digest, result, bucket=False)
+        for digest in document.get("blobs") or ():
+            if isinstance(digest, str) and is_valid_digest(digest):
+                await self._remove_blob(digest, result, bucket=False)
+        return result
+
+    async def _remove_tree(self, digest: str, result: dict, bucket: bool) -> None:
         manifests, blobs = self.tree(digest)
         alive = self.live(excluding=manifests)
         for m in sorted(manifests - alive):
-            outcome = await self.manifests.forget_manifest(m)
+            outcome = await self.manifests.forget_manifest(m, bucket=bucket)
             self._note(result, "manifests", m, outcome)
             self._forget_pulls(m)
         for b in sorted(blobs - alive):
-            await self._remove_blob(b, result)
+            await self._remove_blob(b, result, bucket=bucket)
 
-    async def _remove_blob(self, digest: str, result: dict) -> None:
+    async def _remove_blob(self, digest: str, result: dict, bucket: bool) -> None:
+        """Off this node's disk and, `bucket`, out of the shared store."""
         outcome = self.store.remove(digest)
         self._note(result, "blobs", digest, outcome)
-        if outcome != "busy":
-            bucket = self.manifests._bucket
-            if bucket is not None:
-                await bucket.delete_blob(digest)
+        shared = self.manifests.bucket
+        if bucket and outcome != "busy" and shared is not None:
+            await shared.delete_blob(digest)
 
     def _forget_pulls(self, digest: str) -> None:
         pulls = self.manifests.pulls
@@ -292,32 +348,30 @@ class Inventory:
             result["busy"].append(digest)
 
     async def gc(self) -> dict:
-        """Remove every blob no kept manifest names (never one being downloaded)."""
+        """Remove every blob of this node's disk no kept manifest names (never one being
+        downloaded)."""
         alive = self.live()
         manifests = set(self.manifests.stored_manifests())
-        result = {"matched": True, "tags": [], "manifests": [], "blobs": [], "busy": [],
-                  "kept": []}
+        result = _result()
         for digest in self.store.digests():
             if digest in alive or digest in manifests:
                 continue
-            await self._remove_blob(digest, result)
-        result["freed"] = None
+            # This node's disk only: the bucket may hold manifests this node never saw.
+            await self._remove_blob(digest, result, bucket=False)
         return result
 
     # --- retention ----------------------------------------------------------------------
     async def expire(self, key: str, max_age: float, keep: tuple[str, ...], now: float) -> dict:
         """Retention for one registry: tags (and untagged images) not pulled for `max_age`
         seconds, outside the `keep` patterns, go with the blobs nothing else names."""
-        result = {"matched": True, "tags": [], "manifests": [], "blobs": [], "busy": [],
-                  "kept": []}
+        result = _result()
         pulls = self.manifests.pulls
         tags = [x for x in self.manifests.tags() if x[0] == key]
         doomed: list[tuple[str, str, str, TagEntry]] = []
         for k, name, tag, entry in tags:
             if any(fnmatch.fnmatchcase(name, p) for p in keep):
                 continue
-            usage = pulls.get(k, name, entry.digest) if pulls is not None else None
-            last = max(entry.checked, usage.last if usage else 0.0)
+            last = await self._last_use(k, name, tag, entry)
             if now - last <= max_age:
                 continue
             if self._in_use(entry.digest):
@@ -331,14 +385,30 @@ class Inventory:
         candidates = {e.digest for *_, e in doomed} - remaining
         for (k, name, digest), usage in pulls.records() if pulls is not None else ():
             if k == key and digest not in remaining and now - usage.last > max_age and \
-                    not any(fnmatch.fnmatchcase(name, p) for p in keep):
-                candidates.add(digest)
+                    not any(fnmatch.fnmatchcase(name, p) for p in keep) and \
+                    now - await pulls.cluster_last(k, name, digest) > max_age:
+                candidates.add(digest)  # pulled by digest only, long ago
         recent = {d for (_, _, d), u in (pulls.records() if pulls else ())
                   if now - u.last <= max_age}
         for digest in sorted(candidates - recent):
             if self.store.has(digest) and not self._in_use(digest):
-                await self._remove_tree(digest, result)
+                await self._remove_tree(digest, result, bucket=True)
         return result
+
+    async def _last_use(self, key: str, name: str, tag: str, entry: TagEntry) -> float:
+        """When the tag was last asked for (a pull or a HEAD), on any node of a cluster."""
+        pulls, shared = self.manifests.pulls, self.manifests.shared
+        last = entry.checked
+        if pulls is not None:
+            last = max(last, await pulls.cluster_last(key, name, entry.digest))
+        if shared is not None:
+            found = await shared.lookup("tag", f"{key}|{name}|{tag}")
+            try:
+                if found and found.get("digest") == entry.digest:
+                    last = max(last, float(found.get("checked", 0.0)))
+            except (TypeError, ValueError):
+                pass
+        return last
 
     def _in_use(self, digest: str) -> bool:
         """Whether any blob or manifest of this image is being downloaded or read."""

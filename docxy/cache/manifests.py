@@ -383,12 +383,25 @@ class ManifestCache:
             return None
         return document if isinstance(document, dict) else None
 
-    async def forget_tag(self, key: str, name: str, tag: str) -> None:
-        """Remove a tag here, in Redis and in the bucket."""
+    @property
+    def bucket(self) -> Bucket | None:
+        return self._bucket
+
+    async def known_tag(self, key: str, name: str, tag: str) -> TagEntry | None:
+        """A tag as the cluster knows it (this node, Redis, the bucket)."""
+        return await self._known_tag(key, name, tag)
+
+    def forget_local_tag(self, key: str, name: str, tag: str) -> bool:
+        """Remove a tag from this node's disk only; False if it had none."""
         try:
             self._tag_path(key, name, tag).unlink()
         except FileNotFoundError:
-            pass
+            return False
+        return True
+
+    async def forget_tag(self, key: str, name: str, tag: str) -> None:
+        """Remove a tag here, in Redis and in the bucket."""
+        self.forget_local_tag(key, name, tag)
         if self.shared is not None:
             try:
                 await self.shared.delete("tag", f"{key}|{name}|{tag}")
@@ -398,12 +411,13 @@ class ManifestCache:
         if self._bucket is not None:
             await self._bucket.delete_tag(key, name, tag)
 
-    async def forget_manifest(self, digest: str) -> str:
-        """Remove a manifest here and from the bucket: "removed", "absent" or "busy"."""
+    async def forget_manifest(self, digest: str, bucket: bool = True) -> str:
+        """Remove a manifest here and (`bucket`) from the bucket: "removed", "absent" or
+        "busy"."""
         outcome = self.store.remove(digest)
         if outcome != "busy":
             self._type_path(digest).unlink(missing_ok=True)
-            if self._bucket is not None:
+            if bucket and self._bucket is not None:
                 await self._bucket.delete_manifest(digest)
         return outcome
 

@@ -5,7 +5,8 @@ A pull is a client's GET of a manifest, by tag or by digest, counted for the dig
 was answered with under its registry and repository.  A warm-up's GET is not a pull, but
 it starts the clock of an image nobody pulled yet.  The counts live in memory and are
 written to `<cache-dir>/usage.json` every minute and when docxy stops; a crash loses at
-most that minute.  Each node counts its own pulls.
+most that minute.  Each node counts its own pulls; in a cluster the last pull of each image
+is also kept in Redis, so that retention on every node sees the pulls of all.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from docxy.files import atomic_write
 log = Logger()
 
 SAVE_EVERY = 60.0
+SHARED_TTL = 400 * 86400.0  # seconds Redis keeps an image's last pull (longer than any max_age)
 MAX_RECORDS = 200_000  # (registry, repository, digest) triples kept; the oldest go first
 
 
@@ -37,6 +39,7 @@ class PullLog:
         self._clock = clock
         self._records: dict[tuple[str, str, str], Usage] = {}
         self._dirty = False
+        self.shared = None  # docxy.cluster.state.SharedState: the cluster's last pulls
         self._load()
 
     def _load(self) -> None:
@@ -64,6 +67,20 @@ class PullLog:
         if len(self._records) > MAX_RECORDS:
             self._records.pop(next(iter(self._records)))
         self._dirty = True
+        if self.shared is not None:
+            self.shared.remember("pull", "|".join(key), {"last": usage.last}, ttl=SHARED_TTL)
+
+    async def cluster_last(self, registry: str, repository: str, digest: str) -> float:
+        """The last pull of an image on any node (this node's alone without Redis)."""
+        own = self._records.get((registry, repository, digest))
+        last = own.last if own else 0.0
+        if self.shared is not None:
+            found = await self.shared.lookup("pull", f"{registry}|{repository}|{digest}")
+            try:
+                last = max(last, float((found or {}).get("last", 0.0)))
+            except (TypeError, ValueError):
+                pass
+        return last
 
     def get(self, registry: str, repository: str, digest: str) -> Usage | None:
         return self._records.get((registry, repository, digest))

@@ -4,9 +4,19 @@ secret, from a byte offset (a resume after a cut asks from the byte reached).  T
 streams like any upstream body; the receiving node verifies its digest itself."""
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    readBody,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -16,6 +26,7 @@ from docxy.upstream.endpoints import UpstreamEndpoints
 log = Logger()
 
 PEER_PATH = b"/_docxy/v1/blobs/"
+FORGET_PATH = b"/_docxy/v1/forget/"  # + the SHA-256 of the body: the signature covers it
 AUTH_HEADER = b"x-docxy-node"
 NOT_YET = 503  # the peer holds the lease but its download has not started yet
 
@@ -55,6 +66,23 @@ class PeerClient:
             return await d
         except Exception as e:  # refused, reset, timed out: the peer is not there for us
             raise PeerUnreachable(f"{node_url}: {type(e).__name__}") from None
+
+    async def forget(self, node_url: str, document: dict) -> int:
+        """Tell a peer what `docxy cache rm` removed here (tags, manifests, blobs), so that
+        it removes its own copies; the answer's status.  Raises PeerUnreachable."""
+        body = json.dumps(document, sort_keys=True).encode()
+        path = FORGET_PATH + hashlib.sha256(body).hexdigest().encode("ascii")
+        headers = Headers({AUTH_HEADER: [self._auth.header(b"POST", path)],
+                           b"content-type": [b"application/json"]})
+        d = self._agent.request(b"POST", node_url.rstrip("/").encode("ascii") + path, headers,
+                                FileBodyProducer(io.BytesIO(body)))
+        d.addTimeout(self._header_timeout, self._reactor)
+        try:
+            response = await d
+            await readBody(response)
+        except Exception as e:
+            raise PeerUnreachable(f"{node_url}: {type(e).__name__}") from None
+        return response.code
 
     def close(self) -> defer.Deferred:
         return self._pool.closeCachedConnections()

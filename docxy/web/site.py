@@ -189,13 +189,16 @@ def admin_resource(admin, metrics: Metrics, page: Resource | None = None) -> Res
     return Router(routes, {})
 
 
-def node_resource(blobs, parts, reactor) -> Resource:
-    """The node listener: what the other nodes of the cluster ask this one for."""
+def node_resource(blobs, parts, reactor, inventory=None) -> Resource:
+    """The node listener: what the other nodes of the cluster ask this one for (a blob;
+    to apply a removal, docxy.cache.inventory)."""
+    from docxy.cluster.peers import FORGET_PATH
     from docxy.cluster.secret import NodeAuth, derive
-    from docxy.web.resources.node import NodeBlobResource
+    from docxy.web.resources.node import NodeBlobResource, NodeForgetResource
 
     auth = NodeAuth(derive(parts.secret, "node-requests"), reactor)
-    return Router({}, {PEER_PATH: NodeBlobResource(blobs, auth)})
+    return Router({}, {PEER_PATH: NodeBlobResource(blobs, auth),
+                       FORGET_PATH: NodeForgetResource(inventory, auth)})
 
 
 def metrics_resource_tree(context: Context) -> Resource:

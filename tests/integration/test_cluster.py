@@ -15,10 +15,12 @@ import urllib.request
 
 import bcrypt
 import pytest
+from harness.admin import run_cli
 from harness.ceph import Rgw
 from harness.clients import Containerd, DockerDaemon, Skopeo
 from harness.cluster import Cluster
-from harness.procs import poll_until
+from harness.daemon import cached_blob
+from harness.procs import free_port, poll_until
 from harness.redisd import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -326,3 +328,49 @@ def test_redis_then_bucket_go_away_and_come_back(upstream, tmp_path, short_tmp):
     finally:
         rgw.stop()
         redis.stop()
+
+
+def test_warm_on_one_node_remove_on_another_clears_the_cluster(upstream, rgw, redis_server,
+                                                              tmp_path, short_tmp):
+    """`docxy warm` through node 0 puts the image in the bucket; node 1 serves it from
+    there; `docxy cache rm` through node 0 removes it from the bucket and from node 1's
+    disk, so the next pull through node 1 goes upstream again."""
+    image = upstream.images.namespaced
+    pair = Cluster(tmp_path / "pair", upstream, rgw, redis_server, count=2)
+    admins = []
+    for node in pair.nodes:
+        port = free_port()
+        node.process.argv.extend(["--admin-listen", f"tcp:{port}:interface=127.0.0.1"])
+        admins.append(f"http://127.0.0.1:{port}")
+    with pair:
+        a, b = pair.nodes
+        warmed = run_cli(admins[0], "warm", f"docker.io/{image.repository}:latest")
+        assert warmed.code == 0, warmed.err
+        poll_until(lambda: all(_bucket_has(pair, x.digest) for x in image.blobs), 30)
+        before = len(upstream.cdn_log_entries())
+        with Skopeo(short_tmp / "b1", tls_verify=False) as skopeo:
+            assert skopeo.copy(f"{b.host}/{image.ref}").digest == image.digest
+        hexes = [x.digest.split(":")[1] for x in image.blobs]
+        assert [e for e in upstream.cdn_log_entries()[before:]
+                if any(h in e["uri"] for h in hexes)] == []
+        listed = run_cli(admins[1], "cache", "ls", "--json").json()["images"]
+        assert any(r["repository"] == image.repository and r["tag"] == "latest"
+                   and r["pulls"] == 1 for r in listed)
+
+        removed = run_cli(admins[0], "cache", "rm", "--json", f"docker.io/{image.repository}:latest")
+        assert removed.code == 0, removed.err
+        assert removed.json()["nodes"] == {pair_url(pair, 1): "removed"}
+        for x in image.blobs:
+            assert not _bucket_has(pair, x.digest)
+            assert not cached_blob(pair.cache_dir(1), x.digest).exists()
+            assert not cached_blob(pair.cache_dir(0), x.digest).exists()
+        assert run_cli(admins[1], "cache", "ls", "--json").json()["images"] == []
+        before = len(upstream.cdn_log_entries())
+        with Skopeo(short_tmp / "b2", tls_verify=False) as skopeo:
+            assert skopeo.copy(f"{b.host}/{image.ref}").digest == image.digest
+        poll_until(lambda: [e for e in upstream.cdn_log_entries()[before:]
+                            if any(h in e["uri"] for h in hexes)], 10)
+
+
+def pair_url(cluster, index: int) -> str:
+    return f"http://127.0.0.1:{cluster.node_ports[index]}"

@@ -1,15 +1,25 @@
-"""`/_docxy/v1/blobs/<digest>` on the node listener: another node of the cluster streams a
-blob from this node's download (or disk).  Only requests signed with the cluster secret
-are answered; nothing here ever goes upstream."""
+"""The node listener: `/_docxy/v1/blobs/<digest>`, another node of the cluster streams a
+blob from this node's download (or disk); `/_docxy/v1/forget/<hash>`, another node's
+`docxy cache rm` is applied here.  Only requests signed with the cluster secret are
+answered; nothing here ever goes upstream."""
 from __future__ import annotations
 
+import hashlib
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from docxy.cluster.peers import AUTH_HEADER, PEER_PATH
+from docxy.cluster.peers import AUTH_HEADER, FORGET_PATH, PEER_PATH
 from docxy.cluster.secret import NodeAuth
 from docxy.registry.names import is_valid_digest
-from docxy.web.answers import send_error
+from docxy.web.answers import send_error, send_json
+
+log = Logger()
+
+MAX_FORGET = 4 * 1024 * 1024  # a removal's list of digests
 
 
 class NodeBlobResource(Resource):
@@ -44,4 +54,43 @@ class NodeBlobResource(Resource):
         elif status != 200:
             request.setHeader(b"retry-after", b"1")
             send_error(request, status, "UNAVAILABLE", "the download is about to start")
+        return NOT_DONE_YET
+
+
+class NodeForgetResource(Resource):
+    """`POST /_docxy/v1/forget/<sha256 of the body>`: another node removed these tags,
+    manifests and blobs (`docxy cache rm`); this node removes its own copies, keeping a
+    blob its own manifests still name.  Signed like blob requests; the path's hash binds
+    the body to the signature."""
+
+    isLeaf = True
+
+    def __init__(self, inventory, auth: NodeAuth) -> None:
+        super().__init__()
+        self._inventory = inventory
+        self._auth = auth
+
+    def render_POST(self, request) -> int:
+        request.defaultContentType = None
+        path = request.path
+        if not self._auth.verify(request.getHeader(AUTH_HEADER), request.method, path):
+            send_error(request, 401, "UNAUTHORIZED", "not signed with this cluster's secret")
+            return NOT_DONE_YET
+        body = request.content.read(MAX_FORGET + 1) if request.content is not None else b""
+        if len(body) > MAX_FORGET or hashlib.sha256(body).hexdigest().encode() != \
+                path[len(FORGET_PATH):]:
+            send_error(request, 400, "UNSUPPORTED", "the body does not match the signed path")
+            return NOT_DONE_YET
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict) or self._inventory is None:
+            send_error(request, 400, "UNSUPPORTED", "not a removal this node can apply")
+            return NOT_DONE_YET
+        request.docxy_what = ("node", "forget")
+        d = defer.ensureDeferred(self._inventory.forget_locally(document))
+        d.addCallback(lambda result: send_json(request, 200, result))
+        d.addErrback(lambda f: (log.failure("applying a peer's removal", f),
+                                send_error(request, 500, "UNKNOWN", "internal error")))
         return NOT_DONE_YET

@@ -10,7 +10,13 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from docxy.cache.inventory import BadReference, Inventory, Reference, parse_reference, references
+from docxy.cache.inventory import (
+    BadReference,
+    Inventory,
+    Reference,
+    parse_reference,
+    references,
+)
 from docxy.cache.manifests import ManifestCache
 from docxy.cache.store import BlobStore
 from docxy.cache.usage import PullLog
@@ -172,3 +178,20 @@ async def test_retention_expires_by_the_last_pull_and_keeps_patterns_and_running
     handle.close()
     later = await cache.inventory.expire("docker.io", 50, ("org/*",), cache.clock.seconds())
     assert later["tags"] == ["docker.io/library/busy:1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_s_removal_keeps_what_this_node_s_own_images_name(tmp_path):
+    """Another node removed library/a: this node removes its copy of the tag, the manifest
+    and a's own layer, keeps the layer its image b shares, and ignores malformed entries."""
+    cache = _Cache(tmp_path)
+    a, a_blobs = cache.image("library/a", "latest", b"shared", b"only a")
+    b, b_blobs = cache.image("library/b", "latest", b"shared")
+    result = await cache.inventory.forget_locally({
+        "tags": [["docker.io", "library/a", "latest"], ["..", "x", "y"],
+                 ["docker.io", "../../etc", "passwd"], "bogus"],
+        "roots": [a, "sha256:nope"], "blobs": []})
+    assert result["tags"] == ["docker.io/library/a:latest"]
+    assert not cache.store.has(a) and not cache.store.has(_digest(b"only a"))
+    assert cache.store.has(_digest(b"shared")) and all(cache.store.has(d) for d in b_blobs)
+    assert [(r.repository, r.tag) for r in cache.inventory.rows()] == [("library/b", "latest")]

@@ -4,9 +4,12 @@ not hold is a 404, and nothing goes upstream."""
 from __future__ import annotations
 
 import hashlib
+import json
+
+from twisted.internet.task import Clock
 
 from docxy.cluster.node import ClusterParts
-from docxy.cluster.peers import AUTH_HEADER, peer_path
+from docxy.cluster.peers import AUTH_HEADER, FORGET_PATH, peer_path
 from docxy.cluster.secret import NodeAuth, derive
 from docxy.service import build_cache
 from docxy.upstream.auth import UpstreamAuth
@@ -74,3 +77,44 @@ def test_a_blob_this_node_lacks_is_404_and_never_fetched(tmp_path):
     status, _, body = get(node, path.decode(), _signed(clock, path)).response()
     assert status == 404 and b"BLOB_UNKNOWN" in body
     assert len(upstream.calls) == calls
+
+
+class _Inventory:
+    def __init__(self) -> None:
+        self.applied = []
+
+    async def forget_locally(self, document):
+        self.applied.append(document)
+        return {"matched": True, "tags": ["docker.io/library/x:1"]}
+
+
+def _forget_node(tmp_path):
+    clock = Clock()
+    clock.advance(1_000_000)
+    inventory = _Inventory()
+    parts = ClusterParts(secret=SECRET)
+    return DocxySite(node_resource(None, parts, clock, inventory), clock), clock, inventory
+
+
+def _post(node, clock, body: bytes, path: bytes | None = None, secret: bytes = SECRET):
+    path = path or FORGET_PATH + hashlib.sha256(body).hexdigest().encode()
+    auth = NodeAuth(derive(secret, "node-requests"), clock)
+    ex = Exchange(node)
+    ex.send("POST", path.decode(), [(AUTH_HEADER.decode(), auth.header(b"POST", path).decode())],
+            body)
+    return ex.response()
+
+
+def test_a_peer_s_removal_is_applied_only_when_signed_and_whole(tmp_path):
+    """`cache rm` on another node: applied when signed with the cluster's secret and the
+    body is the one the signed path names; refused otherwise."""
+    node, clock, inventory = _forget_node(tmp_path)
+    body = json.dumps({"tags": [["docker.io", "library/x", "1"]], "roots": [], "blobs": []})
+    status, _, answer = _post(node, clock, body.encode())
+    assert status == 200 and json.loads(answer)["tags"] == ["docker.io/library/x:1"]
+    assert inventory.applied == [json.loads(body)]
+    signed_for_other = FORGET_PATH + hashlib.sha256(b"{}").hexdigest().encode()
+    assert _post(node, clock, body.encode(), signed_for_other)[0] == 400
+    assert _post(node, clock, body.encode(), secret=b"another secret!!!")[0] == 401
+    assert _post(node, clock, b"[1, 2]")[0] == 400
+    assert len(inventory.applied) == 1
