@@ -92,8 +92,8 @@ class ClientPolicy:
     async def admit_rate(self, request) -> bool:
         """One request from the client's bucket (its user's, when logged in); in a
         cluster the bucket is shared by every node (docxy.cluster.ratelimit)."""
-        if self.limiter is None:
-            return True
+        if self.limiter is None or getattr(request, "docxy_warm", False):
+            return True  # an operator's warm-up (docxy.admin) is not a client's budget
         key = getattr(request, "docxy_user", None) or self.client(request)
         wait = self.limiter.take(key)
         if inspect.isawaitable(wait):

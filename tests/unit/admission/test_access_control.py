@@ -306,6 +306,21 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path):
     assert logins == [200, 429]  # the address's bucket: the third login fits, the fourth not
 
 
+def test_a_warm_up_is_not_held_to_a_client_s_rate(tmp_path):
+    """Requests of docxy's own warm-ups (docxy.admin.local) do not spend a client's budget:
+    an operator's scheduled warm-up of many images is never refused with 429."""
+    from types import SimpleNamespace
+
+    from docxy.ops.metrics import Metrics
+
+    policy = ClientPolicy(NetworkPolicy(), Metrics(), limiter=RateLimiter(1, 60.0, Clock()))
+    warm = SimpleNamespace(docxy_warm=True, docxy_client="-", docxy_user=None)
+    assert all([defer.ensureDeferred(policy.admit_rate(warm)).result for _ in range(5)])
+    client = SimpleNamespace(docxy_warm=False, docxy_client="-", docxy_user=None)
+    assert defer.ensureDeferred(policy.admit_rate(client)).result is True
+    assert policy.limiter.take("-") > 0  # the client's budget is spent, not the warm-up's
+
+
 # --- start-up ---------------------------------------------------------------------------------
 
 def _start(argv, tmp_path):
