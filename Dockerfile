@@ -5,8 +5,12 @@
 #       -e DOCXY_ALLOW_ANONYMOUS=1 docxy
 # compose.yaml is a complete example with TLS.
 
+# The base: Debian with Python 3.11 whose `python -m venv` brings pip.  The test suite
+# passes one of its own (--build-arg BASE=...) where the public image cannot be fetched.
+ARG BASE=python:3.11-slim
+
 # Stage 1: docxy and its dependencies in a virtual environment; only that is kept.
-FROM python:3.11-slim AS build
+FROM ${BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
@@ -18,7 +22,7 @@ RUN python -m venv /opt/docxy \
     && /opt/docxy/bin/pip install . \
     && /opt/docxy/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
-FROM python:3.11-slim
+FROM ${BASE}
 ENV PATH=/opt/docxy/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
