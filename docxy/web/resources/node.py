@@ -19,7 +19,16 @@ from docxy.web.answers import send_error, send_json
 
 log = Logger()
 
-MAX_FORGET = 4 * 1024 * 1024  # a removal's list of digests
+MAX_FORGET = 1024 * 1024  # a removal's tags and digests (docxy's limit on any body)
+
+
+def _signed(auth: NodeAuth, request) -> bool:
+    """Whether another node of this cluster signed the request; answered 401 if not."""
+    request.defaultContentType = None
+    if auth.verify(request.getHeader(AUTH_HEADER), request.method, request.path):
+        return True
+    send_error(request, 401, "UNAUTHORIZED", "not signed with this cluster's secret")
+    return False
 
 
 class NodeBlobResource(Resource):
@@ -38,12 +47,9 @@ class NodeBlobResource(Resource):
         return self._answer(request)
 
     def _answer(self, request) -> int:
-        request.defaultContentType = None
-        path = request.path
-        if not self._auth.verify(request.getHeader(AUTH_HEADER), request.method, path):
-            send_error(request, 401, "UNAUTHORIZED", "not signed with this cluster's secret")
+        if not _signed(self._auth, request):
             return NOT_DONE_YET
-        digest = path[len(PEER_PATH):].decode("latin-1")
+        digest = request.path[len(PEER_PATH):].decode("latin-1")
         if not is_valid_digest(digest):
             send_error(request, 400, "DIGEST_INVALID", "not a digest")
             return NOT_DONE_YET
@@ -71,11 +77,9 @@ class NodeForgetResource(Resource):
         self._auth = auth
 
     def render_POST(self, request) -> int:
-        request.defaultContentType = None
-        path = request.path
-        if not self._auth.verify(request.getHeader(AUTH_HEADER), request.method, path):
-            send_error(request, 401, "UNAUTHORIZED", "not signed with this cluster's secret")
+        if not _signed(self._auth, request):
             return NOT_DONE_YET
+        path = request.path
         body = request.content.read(MAX_FORGET + 1) if request.content is not None else b""
         if len(body) > MAX_FORGET or hashlib.sha256(body).hexdigest().encode() != \
                 path[len(FORGET_PATH):]:
