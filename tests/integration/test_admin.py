@@ -99,11 +99,14 @@ def test_warm_then_outage_then_ls_rm_gc(up, short_tmp):
         fetched = set(_blob_gets(up, {b.digest for b in arm.blobs + amd.blobs}, before))
         assert fetched == {b.digest for b in arm.blobs}
 
-        # a second warm-up of a cached image downloads nothing
-        before = len(up.cdn_log_entries())
+        # a second warm-up of a cached image downloads nothing: its tag costs one HEAD
+        before, asked = len(up.cdn_log_entries()), len(up.registry_log_entries())
         again = run_cli(admin, "warm", "--json", "docker.io/library/multiarch:latest")
         assert again.code == 0 and json.loads(again.out.splitlines()[-1])["downloaded"] == 0
         assert _blob_gets(up, every_blob, before) == []
+        manifests = [e["method"] + " " + e["uri"] for e in up.registry_log_entries()[asked:]
+                     if "/multiarch/manifests/" in e["uri"] and e["status"] != 401]
+        assert manifests == ["HEAD /v2/library/multiarch/manifests/latest"], manifests
 
         # bad input: a clear error and a usage exit code; nothing unreachable hangs
         bad = run_cli(admin, "warm", "docker.io/Not Valid:tag")
