@@ -20,6 +20,7 @@ from docxy.admission.tokens import TokenIssuer
 from docxy.admission.users import Htpasswd, HtpasswdError
 from docxy.cache.blobs import BlobCache
 from docxy.cache.manifests import ManifestCache, cache_key
+from docxy.cache.referrers import ReferrersCache
 from docxy.cache.sources import BlobSources
 from docxy.cache.store import BlobStore
 from docxy.cluster.node import ClusterParts, ClusterService
@@ -222,6 +223,7 @@ def build_cache(config: Config, reactor, proxies: dict[str, RegistryProxy],
                       accel_redirect=config.accel_redirect, sources=sources)
     manifests = ManifestCache(store, reactor, config.tag_ttl, config.idle_timeout,
                               bucket=parts.bucket if parts is not None else None)
+    manifests.referrers = ReferrersCache(store.root / "referrers", reactor, config.idle_timeout)
     for name, proxy in proxies.items():
         proxy.access.remember_in(store.root / "access" / cache_key(name))
         if parts is not None and parts.state is not None:

@@ -51,7 +51,7 @@ class TokenServiceDown(UpstreamError):
                          "images already in the cache can be pulled now")
 
 
-def _refuse_while_tokens_are_down(proxy: RegistryProxy, response) -> None:
+def refuse_while_tokens_are_down(proxy: RegistryProxy, response) -> None:
     """A 401 while the token service is down: no client can get a token, so the answer is
     a 503 naming it (a challenge would send the client round in circles)."""
     if response.code == 401 and proxy.auth.token_service_down():
@@ -153,11 +153,7 @@ class ManifestCache:
         self._fetching = SingleFlight()  # by (upstream, name, reference): GETs running now
         # (upstream, name, digest) -> tags a HEAD resolved to that digest, not stored yet
         self._expected_tags: dict[tuple[str, str, str], set[str]] = {}
-        # OCI referrers indexes, kept beside the manifests; imported here because that
-        # module builds on this one's rules (MAX_MANIFEST, STALE_STATUSES).
-        from docxy.cache.referrers import ReferrersCache
-
-        self.referrers = ReferrersCache(store.root / "referrers", reactor, idle_timeout)
+        self.referrers = None  # docxy.cache.referrers.ReferrersCache (docxy.service)
 
     # --- the small files beside the store -----------------------------------------------
     def _type_path(self, digest: str) -> Path:
@@ -473,7 +469,7 @@ class ManifestCache:
             discard(head)
             self._serve_stale(request, route, entry, stale_why)
             return
-        _refuse_while_tokens_are_down(proxy, head)
+        refuse_while_tokens_are_down(proxy, head)
         if head.code == 200 and digest and not self.store.has(digest):
             await self._from_bucket(digest)
         media_type = self.media_type(digest) if digest and self.store.has(digest) else None
@@ -521,7 +517,7 @@ class ManifestCache:
         request, proxy, route, realm = pull
         expected = route.reference if route.is_digest else None
         response = await proxy.pull(route, b"GET", request.requestHeaders, [])
-        _refuse_while_tokens_are_down(proxy, response)
+        refuse_while_tokens_are_down(proxy, response)
         if response.code != 200:
             relay(request, response, self._reactor, self._idle_timeout, realm)
             return _Fetched(request)

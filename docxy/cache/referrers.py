@@ -28,8 +28,8 @@ from twisted.web.http_headers import Headers
 from docxy.cache.manifests import (
     MAX_MANIFEST,
     STALE_STATUSES,
-    _refuse_while_tokens_are_down,
     cache_key,
+    refuse_while_tokens_are_down,
 )
 from docxy.files import atomic_write
 from docxy.registry.names import Route, upstream_name
@@ -182,7 +182,7 @@ class ReferrersCache:
         if stale_why is not None and self._serve_stale(pull, artifact_type, stale_why):
             discard(response)
             return
-        _refuse_while_tokens_are_down(proxy, response)
+        refuse_while_tokens_are_down(proxy, response)
         name = upstream_name(route.name, proxy.library)
         if response.code == 404:
             self._keep_absent(self.path(proxy.name, name, route.reference, None))

@@ -61,7 +61,8 @@ class RegistryResource(PullResource):
         if route.kind == "manifests" and ctx.manifests is not None:
             manifests = ctx.manifests
             return later(lambda: manifests.answer(Pull(request, proxy, route, realm)))
-        if route.kind == "referrers" and ctx.manifests is not None:
+        if route.kind == "referrers" and ctx.manifests is not None \
+                and ctx.manifests.referrers is not None:
             referrers = ctx.manifests.referrers
             return later(lambda: referrers.answer(Pull(request, proxy, route, realm), artifact_type))
         blobs = ctx.blobs
