@@ -88,6 +88,10 @@ class BlobCache:
     def filling(self) -> int:
         return len(self._fills)
 
+    def downloads(self) -> list[Fill]:
+        """The downloads running now (the status page shows their progress)."""
+        return list(self._fills.values())
+
     def holds(self, digest: str) -> bool:
         """Stored, or being downloaded right now."""
         return self.store.has(digest) or digest in self._fills

@@ -243,7 +243,7 @@ class StatusSource:
             history=history.samples() if history is not None else None,
             every=history.every if history is not None else None,
             # BlobCache keeps its downloads in flight by digest; read, never changed here
-            fills=list(blobs._fills.values()) if blobs is not None else (),
+            fills=blobs.downloads() if blobs is not None else (),
             jobs=self._warmup.jobs if self._warmup is not None else (),
             top=self._top(),
             upstreams=list(context.proxies),
