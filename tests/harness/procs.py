@@ -15,12 +15,23 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on `host` right now (the kernel picks it)."""
+    """Return a TCP port that is free on `host` right now (the kernel picks it) and that
+    this process has not handed out before: the kernel may offer a port again as soon as
+    the probe socket closes, and a daemon given the same port for two listeners (plain and
+    TLS, picked one after the other before it starts) fails with "Address already in use"."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh free port after 100 tries")
 
 
 def port_open(host: str, port: int) -> bool:
