@@ -359,7 +359,8 @@ def build_admin(config: Config, context: Context, reactor):
             {cache_key(u.name): u.library for u in config.upstreams}, names=names)
         inventory.cluster = context.cluster  # a removal is applied by every node
         local = LocalMirror(reactor, api_resource(context, admit=False), context.policy,
-                            context.metrics, config.request_timeout)
+                            context.metrics, config.request_timeout,
+                            key=str(manifests.store.root.resolve()))
         local.setServiceParent(tools)
         warmup = WarmUp(reactor, local, blobs.store.has)
         RetentionService(inventory, config.upstreams, reactor,

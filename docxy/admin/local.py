@@ -2,14 +2,18 @@
 through exactly the resources a client reaches, without depending on how the public
 listeners are set up (TLS, socket activation, client networks).
 
-The socket lives in a fresh directory only docxy's user can enter; with `--htpasswd`, the
+The socket lives in a directory only docxy's user can enter (docxy.admin.local.socket_dir,
+one per cache directory, removed at the stop); with `--htpasswd`, the
 requests carry a docxy token of the user `docxy-warm` (the admission is not bypassed, only
 satisfied).  Requests made here are marked as warm-ups: they are not counted as pulls.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -55,11 +59,30 @@ class _ToSocket:
         return UNIXClientEndpoint(self._reactor, self._path(), timeout=10)
 
 
+def socket_dir(key: str) -> Path:
+    """The private directory of the socket: `docxy-local-<uid>-<hash of key>` in the
+    temporary directory, reused (so a daemon killed with SIGKILL leaves one, not one per
+    start) only when it is a real directory of ours that nobody else may enter; else a
+    fresh one."""
+    name = f"docxy-local-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    path = Path(tempfile.gettempdir()) / name
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and stat.S_IMODE(st.st_mode) == 0o700):
+            return Path(tempfile.mkdtemp(prefix="docxy-local-"))
+    return path
+
+
 class LocalMirror(service.Service):
     """Serves `resource` on the private socket while running; `get` asks it."""
 
-    def __init__(self, reactor, resource, policy, metrics, request_timeout: float) -> None:
+    def __init__(self, reactor, resource, policy, metrics, request_timeout: float,
+                 key: str = "") -> None:
         self._reactor = reactor
+        self._key = key  # the cache directory: one socket directory per daemon
         self._dir: Path | None = None  # made at the start: mode 0700, removed at the stop
         self.path = ""
         self._site = LocalSite(resource, reactor, metrics, request_timeout)
@@ -72,8 +95,9 @@ class LocalMirror(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._dir = Path(tempfile.mkdtemp(prefix="docxy-local-"))
+        self._dir = socket_dir(self._key)
         self.path = str(self._dir / "api.sock")
+        Path(self.path).unlink(missing_ok=True)  # left by a daemon that was killed
         self._listener = strports.service(f"unix:{self.path}:mode=600", self._site,
                                           reactor=self._reactor)
         self._listener.startService()
