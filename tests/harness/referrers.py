@@ -22,14 +22,13 @@ Stdlib only; run as `python -m harness.referrers --port P --backend http://127.0
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import re
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import parse_qs, urlsplit
+
+from .stubserver import StubHandler, serve
 
 REFERRERS_PATH = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)$")
 DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
@@ -76,43 +75,17 @@ def referrers(storage: Path, name: str, subject: str) -> list[dict[str, Any]]:
     return found
 
 
-def make_handler(backend: str, storage: Path) -> type[BaseHTTPRequestHandler]:
-    target = urlsplit(backend)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def make_handler(backend: str, storage: Path) -> type[StubHandler]:
+    class Handler(StubHandler):
         server_version = "harness-referrers"
-
-        def log_message(self, format: str, *args: object) -> None:
-            sys.stderr.write("referrers: " + (format % args) + "\n")
-
-        def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-            self.send_response(status)
-            for k, v in headers:
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _error(self, status: int, code: str, message: str) -> None:
-            body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
-            self._send(status, [("Content-Type", "application/json")], body)
+        label = "referrers"
 
         def _allowed(self, name: str) -> bool:
             """Ask the registry whether the caller may read `name`; relay its refusal."""
-            headers = {k: v for k in ("Authorization", "User-Agent")
-                       if (v := self.headers.get(k)) is not None}
-            conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=60)
-            try:
-                conn.request("GET", f"/v2/{name}/tags/list", headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-            except OSError as e:
-                self._error(502, "UNAVAILABLE", f"registry unreachable: {e}")
+            asked = self._ask_registry(f"/v2/{name}/tags/list", ("Authorization", "User-Agent"))
+            if asked is None:
                 return False
-            finally:
-                conn.close()
+            resp, body = asked
             if resp.status == 200:
                 return True
             relayed = [(k, v) for k, v in resp.getheaders() if k.lower() in RELAYED_HEADERS]
@@ -143,6 +116,7 @@ def make_handler(backend: str, storage: Path) -> type[BaseHTTPRequestHandler]:
 
         do_HEAD = do_GET
 
+    Handler.backend = backend
     return Handler
 
 
@@ -153,20 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--backend", required=True, help="registry base URL (plain HTTP)")
     p.add_argument("--storage", required=True, help="the registry's rootdirectory")
     ns = p.parse_args(argv)
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 128
-        daemon_threads = True
-
-    httpd = Server((ns.interface, ns.port), make_handler(ns.backend, Path(ns.storage)))
-    print(f"referrers on {ns.interface}:{ns.port} -> {ns.backend}, {ns.storage}", flush=True)
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve(make_handler(ns.backend, Path(ns.storage)), ns.interface, ns.port,
+          f"{ns.backend}, {ns.storage}")
 
 
 if __name__ == "__main__":
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     main()

@@ -10,13 +10,12 @@ Docker Hub does. Anything else the registry answers is relayed unchanged. Stdlib
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import re
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+from .stubserver import StubHandler, serve
 
 TAGS_PATH = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
 RELAYED_HEADERS = ("content-type", "www-authenticate", "docker-distribution-api-version",
@@ -33,28 +32,10 @@ def paginate(tags: list[str], n: int | None, last: str | None) -> tuple[list[str
     return ordered[:n], len(ordered) > n
 
 
-def make_handler(backend: str) -> type[BaseHTTPRequestHandler]:
-    target = urlsplit(backend)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def make_handler(backend: str) -> type[StubHandler]:
+    class Handler(StubHandler):
         server_version = "harness-tagpager"
-
-        def log_message(self, format: str, *args: object) -> None:
-            sys.stderr.write("tagpager: " + (format % args) + "\n")
-
-        def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-            self.send_response(status)
-            for k, v in headers:
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _error(self, status: int, code: str, message: str) -> None:
-            body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
-            self._send(status, [("Content-Type", "application/json")], body)
+        label = "tagpager"
 
         def do_GET(self) -> None:
             url = urlsplit(self.path)
@@ -71,17 +52,10 @@ def make_handler(backend: str) -> type[BaseHTTPRequestHandler]:
                 except ValueError:
                     return self._error(400, "PAGINATION_NUMBER_INVALID", "invalid n")
             last = query.get("last", [None])[0]
-            headers = {k: v for k in ("Authorization", "Accept", "User-Agent")
-                       if (v := self.headers.get(k)) is not None}
-            conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=60)
-            try:
-                conn.request("GET", url.path, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-            except OSError as e:
-                return self._error(502, "UNAVAILABLE", f"registry unreachable: {e}")
-            finally:
-                conn.close()
+            asked = self._ask_registry(url.path, ("Authorization", "Accept", "User-Agent"))
+            if asked is None:
+                return
+            resp, body = asked
             relayed = [(k, v) for k, v in resp.getheaders() if k.lower() in RELAYED_HEADERS]
             if resp.status != 200:
                 return self._send(resp.status, relayed, body)
@@ -95,6 +69,7 @@ def make_handler(backend: str) -> type[BaseHTTPRequestHandler]:
 
         do_HEAD = do_GET
 
+    Handler.backend = backend
     return Handler
 
 
@@ -104,19 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--interface", default="127.0.0.1")
     p.add_argument("--backend", required=True, help="registry base URL (plain HTTP)")
     ns = p.parse_args(argv)
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 128
-        daemon_threads = True
-
-    httpd = Server((ns.interface, ns.port), make_handler(ns.backend))
-    print(f"tagpager on {ns.interface}:{ns.port} -> {ns.backend}", flush=True)
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve(make_handler(ns.backend), ns.interface, ns.port, ns.backend)
 
 
 if __name__ == "__main__":
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     main()
