@@ -10,7 +10,6 @@ satisfied).  Requests made here are marked as warm-ups: they are not counted as 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -20,25 +19,19 @@ from urllib.parse import urlencode, urlsplit
 
 from twisted.application import service, strports
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from docxy.registry.challenge import parse_challenge
+from docxy.upstream.auth import parse_token_answer
+from docxy.upstream.bodies import discard, read_small
+from docxy.upstream.errors import UpstreamError
 from docxy.web.site import DocxyRequest, DocxySite
 
 WARM_USER = "docxy-warm"
-
-
-async def read_body(response) -> bytes:
-    try:
-        return await readBody(response)
-    except Exception:  # PartialDownloadError and the like: an error answer's body
-        return b""
-
-
-discard_body = read_body
+MAX_TOKEN_ANSWER = 64 * 1024  # docxy's own limit on a token request's body, for its answer
 
 
 class WarmRequest(DocxyRequest):
@@ -134,7 +127,7 @@ class LocalMirror(service.Service):
         token = await self._token(challenge) if challenge is not None else None
         if token is None:
             return response  # the 401 is the answer; its body is still unread
-        await discard_body(response)
+        discard(response)
         self._tokens[repository] = token
         if len(self._tokens) > 1000:
             self._tokens.pop(next(iter(self._tokens)))
@@ -147,12 +140,11 @@ class LocalMirror(service.Service):
                                      ("scope", challenge.get("scope"))) if v]
         url = f"http://docxy{realm.path or '/auth/token'}?{urlencode(query)}".encode("ascii")
         response = await self._agent.request(b"GET", url, Headers({}))
-        body = await read_body(response)
         if response.code != 200:
+            discard(response)
             return None
         try:
-            answer = json.loads(body)
-        except ValueError:
+            answer = parse_token_answer(await read_small(response, MAX_TOKEN_ANSWER))
+        except UpstreamError:
             return None
-        token = answer.get("token") or answer.get("access_token")
-        return token if isinstance(token, str) else None
+        return answer[0] if answer is not None else None

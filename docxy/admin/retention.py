@@ -12,6 +12,8 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from docxy.cache.manifests import cache_key
+
 log = Logger()
 
 FIRST_SWEEP = 60.0
@@ -27,8 +29,6 @@ class RetentionService(service.Service):
         self._loop.clock = reactor
         self._first = None
         self._running: defer.Deferred | None = None
-        self.sweeps = 0
-        self.removed_images = 0
 
     def startService(self) -> None:
         super().startService()
@@ -61,14 +61,10 @@ class RetentionService(service.Service):
         return None
 
     async def _sweep(self) -> None:
-        from docxy.cache.manifests import cache_key
-
         now = self._reactor.seconds()
         for name, max_age, keep in self._rules:
             result = await self._inventory.expire(cache_key(name), max_age, keep, now)
-            self.removed_images += len(result["tags"])
             if result["tags"] or result["blobs"]:
                 log.info("retention for {name}: removed {t} tag(s), {m} manifest(s), {b} "
                          "blob(s) not pulled for {age}s", name=name, t=len(result["tags"]),
                          m=len(result["manifests"]), b=len(result["blobs"]), age=max_age)
-        self.sweeps += 1

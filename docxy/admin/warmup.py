@@ -20,15 +20,18 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import ResponseDone
 
-from docxy.cache.inventory import Reference, references
+from docxy.cache.inventory import Reference
+from docxy.cache.manifests import MAX_MANIFEST
 from docxy.registry.headers import MANIFEST_ACCEPT
-from docxy.registry.names import is_valid_digest
+from docxy.registry.references import children, descriptors
+from docxy.upstream.bodies import read_small
+from docxy.upstream.errors import UpstreamError
 
 log = Logger()
 
 PARALLEL_BLOBS = 3  # as dockerd's max-concurrent-downloads
 PROGRESS_EVERY = 0.25  # seconds between progress events of one blob
-MAX_MANIFEST = 4 * 1024 * 1024
+MAX_ERROR = 64 * 1024  # an error answer's body, read for its message
 
 
 class WarmError(Exception):
@@ -58,11 +61,10 @@ class Platform:
 
 def choose(index: dict, platforms: tuple[Platform, ...]) -> list[dict]:
     """The children of an index to warm: all of them, or those matching a platform."""
-    children = [c for c in index.get("manifests") or () if isinstance(c, dict)
-                and is_valid_digest(str(c.get("digest", "")))]
+    entries = children(index)
     if not platforms:
-        return children
-    return [c for c in children if any(p.matches(c.get("platform") or {}) for p in platforms)]
+        return entries
+    return [c for c in entries if any(p.matches(c.get("platform") or {}) for p in platforms)]
 
 
 class _Counting(Protocol):
@@ -85,24 +87,12 @@ class _Counting(Protocol):
             self.done.errback(reason)
 
 
-async def _read_all(response, limit: int) -> bytes:
-    chunks: list[bytes] = []
-
-    class Keep(Protocol):
-        def dataReceived(self, data: bytes) -> None:
-            chunks.append(data)
-            if sum(map(len, chunks)) > limit:
-                self.transport.stopProducing()
-
-        def connectionLost(self, reason) -> None:
-            if reason.check(ResponseDone):
-                done.callback(b"".join(chunks))
-            else:
-                done.errback(reason)
-
-    done: defer.Deferred = defer.Deferred()
-    response.deliverBody(Keep())
-    return await done
+async def _read(response, limit: int, what: str) -> bytes:
+    """A whole small body (docxy.upstream.bodies.read_small); a cut one is a WarmError."""
+    try:
+        return await read_small(response, limit)
+    except UpstreamError as e:
+        raise WarmError(f"{what}: {e.message}") from None
 
 
 def _why(code: int, body: bytes) -> str:
@@ -135,8 +125,6 @@ class WarmUp:
         self._mirror = mirror  # docxy.admin.local.LocalMirror
         self._stored = blob_stored
         self.jobs: list[Job] = []  # the newest last; a few kept for the status page
-        self.completed = 0
-        self.failed = 0
 
     async def warm(self, ref: Reference, registry: str, text: str,
                    platforms: tuple[Platform, ...] = (),
@@ -149,15 +137,12 @@ class WarmUp:
             summary = await self._warm(ref, registry, platforms, emit, job)
         except WarmError as e:
             job.state, job.error = "failed", str(e)
-            self.failed += 1
             raise
         except Exception as e:
             job.state, job.error = "failed", str(e) or type(e).__name__
-            self.failed += 1
             log.failure("warm-up of {ref} failed", ref=text)
             raise WarmError(f"warm-up failed: {job.error}") from None
         job.state = "done"
-        self.completed += 1
         return summary
 
     async def _warm(self, ref: Reference, registry: str, platforms: tuple[Platform, ...],
@@ -185,11 +170,8 @@ class WarmUp:
                 images.append((child_digest, document))
         blobs: dict[str, int] = {}
         for _, document in images:
-            items = [document.get("config")] + list(document.get("layers") or ())
-            sizes = {i["digest"]: int(i.get("size") or 0) for i in items
-                     if isinstance(i, dict) and is_valid_digest(str(i.get("digest", "")))}
-            for blob in references(document)[1]:
-                blobs.setdefault(blob, sizes.get(blob, 0))
+            for blob, size in descriptors(document):
+                blobs.setdefault(blob, size)
         job.layers, job.total = len(blobs), sum(blobs.values())
         emit({"event": "blobs", "count": len(blobs), "bytes": job.total})
         fetched = {"bytes": 0, "blobs": 0, "cached": 0}
@@ -216,7 +198,7 @@ class WarmUp:
     async def _manifest(self, registry: str, name: str, reference: str) -> tuple[dict, str, str]:
         response = await self._mirror.get(registry, f"/v2/{name}/manifests/{reference}",
                                           {b"accept": [MANIFEST_ACCEPT]})
-        body = await _read_all(response, MAX_MANIFEST)
+        body = await _read(response, MAX_MANIFEST, f"{name}:{reference}")
         if response.code != 200:
             raise WarmError(f"{name}:{reference}: {_why(response.code, body)}")
         try:
@@ -255,7 +237,7 @@ class WarmUp:
 
         response = await self._mirror.get(registry, f"/v2/{name}/blobs/{digest}", {})
         if response.code != 200:
-            body = await _read_all(response, 65536)
+            body = await _read(response, MAX_ERROR, f"blob {digest}")
             raise WarmError(f"blob {digest}: {_why(response.code, body)}")
         reader = _Counting(progress)
         response.deliverBody(reader)

@@ -2,11 +2,12 @@
 
 The cache is a graph: tags name manifests, an index names manifests, a manifest names its
 config and layers.  A blob is kept while any kept manifest names it, so a layer shared by
-two images stays until neither is cached (`removable`).  A removal never cuts a
+two images stays until neither is cached (`live`).  Each operation reads every kept
+manifest once (`Inventory.documents`) and works on what it read.  A removal never cuts a
 download: a blob being downloaded is left (it is entered when it completes), and one
 being read is unlinked when its last reader ends (docxy.cache.store.BlobStore.remove).
-With `--store`, what is removed here is removed from the bucket too; other nodes' local
-disks keep their copies until their own bound or retention removes them.
+With `--store`, what `remove` takes goes from the bucket and Redis too, and with
+`--cluster` the other nodes are told and remove their own copies (`forget_locally`).
 """
 from __future__ import annotations
 
@@ -18,28 +19,11 @@ from twisted.logger import Logger
 
 from docxy.cache.manifests import ManifestCache, TagEntry, cache_key
 from docxy.registry.names import is_valid_digest, is_valid_name, is_valid_tag
+from docxy.registry.references import children, described_size, references
 
 log = Logger()
 
 INDEX_DEPTH = 2  # an index of indexes is as deep as registries go
-
-
-def references(document: dict) -> tuple[list[str], list[str]]:
-    """The (manifests, blobs) a manifest document names: an index's or list's children;
-    an image's config and layers (schema 2, OCI; schema 1's fsLayers).  Pure."""
-    children: list[str] = []
-    blobs: list[str] = []
-    for child in document.get("manifests") or ():
-        if isinstance(child, dict) and is_valid_digest(str(child.get("digest", ""))):
-            children.append(child["digest"])
-    described = [document.get("config")] + list(document.get("layers") or ())
-    for item in described:
-        if isinstance(item, dict) and is_valid_digest(str(item.get("digest", ""))):
-            blobs.append(item["digest"])
-    for layer in document.get("fsLayers") or ():
-        if isinstance(layer, dict) and is_valid_digest(str(layer.get("blobSum", ""))):
-            blobs.append(layer["blobSum"])
-    return children, blobs
 
 
 def _result(**given) -> dict:
@@ -48,11 +32,33 @@ def _result(**given) -> dict:
             **given}
 
 
-def described_size(document: dict) -> int:
-    """The bytes an image manifest's descriptors add up to (config and layers)."""
-    items = [document.get("config")] + list(document.get("layers") or ())
-    return sum(int(i.get("size") or 0) for i in items if isinstance(i, dict)
-               and isinstance(i.get("size"), int))
+Documents = dict[str, dict]  # every kept manifest's digest -> its document ({} unreadable)
+
+
+def tree(documents: Documents, digest: str, depth: int = INDEX_DEPTH) -> tuple[set[str], set[str]]:
+    """(manifests, blobs) a manifest and what it names hold, as far as they are kept."""
+    manifests, blobs = {digest}, set()
+    children, named = references(documents.get(digest) or {})
+    blobs.update(named)
+    for child in children if depth > 0 else ():
+        m, b = tree(documents, child, depth - 1)
+        manifests |= m
+        blobs |= b
+    return manifests, blobs
+
+
+def live(documents: Documents, excluding: Iterable[str] = ()) -> set[str]:
+    """Every digest a kept manifest (other than `excluding`) is or names."""
+    skip = set(excluding)
+    alive: set[str] = set()
+    for digest, document in documents.items():
+        if digest in skip:
+            continue
+        children, blobs = references(document)
+        alive.add(digest)
+        alive.update(children)
+        alive.update(blobs)
+    return alive
 
 
 @attrs.frozen
@@ -145,37 +151,13 @@ class Inventory:
         return self._names.get(key, key)
 
     # --- the graph ------------------------------------------------------------------------
-    def tree(self, digest: str, depth: int = INDEX_DEPTH) -> tuple[set[str], set[str]]:
-        """(manifests, blobs) a manifest and what it names hold, as far as they are kept."""
-        manifests, blobs = {digest}, set()
-        document = self.manifests.document(digest)
-        if document is None:
-            return manifests, blobs
-        children, named = references(document)
-        blobs.update(named)
-        for child in children if depth > 0 else ():
-            m, b = self.tree(child, depth - 1)
-            manifests |= m
-            blobs |= b
-        return manifests, blobs
-
-    def live(self, excluding: Iterable[str] = ()) -> set[str]:
-        """Every digest a kept manifest (other than `excluding`) is or names."""
-        skip = set(excluding)
-        alive: set[str] = set()
-        for digest in self.manifests.stored_manifests():
-            if digest in skip:
-                continue
-            alive.add(digest)
-            document = self.manifests.document(digest)
-            if document is not None:
-                children, blobs = references(document)
-                alive.update(children)
-                alive.update(blobs)
-        return alive
+    def documents(self) -> Documents:
+        """Every kept manifest, each read once for the operation at hand."""
+        return {d: self.manifests.document(d) or {} for d in self.manifests.stored_manifests()}
 
     # --- what is cached ---------------------------------------------------------------
     def rows(self, registry: str | None = None) -> list[Row]:
+        documents = self.documents()
         pulls = self.manifests.pulls
         rows = []
         tagged = set()
@@ -183,42 +165,33 @@ class Inventory:
             if registry is not None and key != registry:
                 continue
             tagged.add((key, name, entry.digest))
-            rows.append(self._row(key, name, tag, entry.digest, entry.media_type))
+            rows.append(self._row(documents, key, name, tag, entry.digest, entry.media_type))
+        # an index's own images are listed under it, not as images pulled by digest
+        listed_under = {c for document in documents.values() for c in references(document)[0]}
         for (key, name, digest), usage in pulls.records() if pulls is not None else ():
             if (registry is not None and key != registry) or (key, name, digest) in tagged:
                 continue
-            if not self.store.has(digest) or self._is_child(digest):
+            if not self.store.has(digest) or digest in listed_under:
                 continue
-            rows.append(self._row(key, name, None, digest, self.manifests.media_type(digest)
-                                  or ""))
+            rows.append(self._row(documents, key, name, None, digest,
+                                  self.manifests.media_type(digest) or ""))
         return rows
 
-    def _is_child(self, digest: str) -> bool:
-        """Whether a kept index names this manifest (it is listed under its index)."""
-        for other in self.manifests.stored_manifests():
-            document = self.manifests.document(other)
-            if document is not None and digest in references(document)[0]:
-                return True
-        return False
-
-    def _row(self, key: str, name: str, tag: str | None, digest: str, media_type: str) -> Row:
+    def _row(self, documents: Documents, key: str, name: str, tag: str | None, digest: str,
+             media_type: str) -> Row:
         size = stored = 0
         platforms = []
-        document = self.manifests.document(digest)
-        images = [(digest, document)]
-        if document is not None and document.get("manifests"):
+        document = documents.get(digest) or {}
+        images = [document]
+        if document.get("manifests"):
             images = []
-            for child in document["manifests"]:
-                if not isinstance(child, dict) or not is_valid_digest(str(child.get("digest"))):
-                    continue
+            for child in children(document):
                 platform = child.get("platform") or {}
                 if isinstance(platform, dict) and platform.get("os"):
                     platforms.append("/".join(str(platform[k]) for k in
                                               ("os", "architecture", "variant") if platform.get(k)))
-                images.append((child["digest"], self.manifests.document(child["digest"])))
-        for _, image in images:
-            if image is None:
-                continue
+                images.append(documents.get(child["digest"]) or {})
+        for image in images:
             size += described_size(image)
             for blob in references(image)[1]:
                 stored += self.store.size_of(blob) or 0
@@ -259,6 +232,7 @@ class Inventory:
         gone = {(k, n, t) for k, n, t, _ in doomed_tags}
         still_tagged = {e.digest for k, n, t, e in tags if (k, n, t) not in gone}
         result = _result(tags=[f"{k}/{n}:{t}" for k, n, t, _ in doomed_tags])
+        documents = self.documents()
         roots, bare = [], []
         for digest in sorted(digests):
             if digest in still_tagged and ref.registry is not None:
@@ -270,7 +244,7 @@ class Inventory:
                 await self._remove_blob(digest, result, bucket=True)
                 continue
             roots.append(digest)
-            await self._remove_tree(digest, result, bucket=True)
+            await self._remove_tree(documents, digest, result, bucket=True)
         await self._tell_peers({"tags": [[k, n, t] for k, n, t, _ in doomed_tags],
                                 "roots": roots, "blobs": bare}, result)
         return result
@@ -296,6 +270,7 @@ class Inventory:
         """What another node's `cache rm` removed, removed here: its tags, the images it
         named (keeping what this node's other manifests name) and its bare blobs."""
         result = _result()
+        documents = self.documents()
         for item in document.get("tags") or ():
             if not (isinstance(item, list) and len(item) == 3 and all(
                     isinstance(x, str) for x in item)):
@@ -308,19 +283,25 @@ class Inventory:
                 result["tags"].append(f"{key}/{name}:{tag}")
         for digest in document.get("roots") or ():
             if isinstance(digest, str) and is_valid_digest(digest) and self.store.has(digest):
-                await self._remove_tree(digest, result, bucket=False)
+                await self._remove_tree(documents, digest, result, bucket=False)
         for digest in document.get("blobs") or ():
             if isinstance(digest, str) and is_valid_digest(digest):
                 await self._remove_blob(digest, result, bucket=False)
         return result
 
-    async def _remove_tree(self, digest: str, result: dict, bucket: bool) -> None:
-        manifests, blobs = self.tree(digest)
-        alive = self.live(excluding=manifests)
+    async def _remove_tree(self, documents: Documents, digest: str, result: dict,
+                           bucket: bool) -> None:
+        """Remove an image: its manifests and the blobs no other kept manifest names.
+        `documents` is kept up to date for the next removal of the same operation."""
+        manifests, blobs = tree(documents, digest)
+        alive = live(documents, excluding=manifests)
         for m in sorted(manifests - alive):
             outcome = await self.manifests.forget_manifest(m, bucket=bucket)
             self._note(result, "manifests", m, outcome)
-            self._forget_pulls(m)
+            if outcome != "busy":
+                documents.pop(m, None)
+            if self.manifests.pulls is not None:
+                self.manifests.pulls.forget(m)
         for b in sorted(blobs - alive):
             await self._remove_blob(b, result, bucket=bucket)
 
@@ -332,14 +313,6 @@ class Inventory:
         if bucket and outcome != "busy" and shared is not None:
             await shared.delete_blob(digest)
 
-    def _forget_pulls(self, digest: str) -> None:
-        pulls = self.manifests.pulls
-        if pulls is None:
-            return
-        for (key, name, d), _ in pulls.records():
-            if d == digest:
-                pulls.forget(key, name, d)
-
     @staticmethod
     def _note(result: dict, what: str, digest: str, outcome: str) -> None:
         if outcome == "removed":
@@ -350,11 +323,10 @@ class Inventory:
     async def gc(self) -> dict:
         """Remove every blob of this node's disk no kept manifest names (never one being
         downloaded)."""
-        alive = self.live()
-        manifests = set(self.manifests.stored_manifests())
+        alive = live(self.documents())  # every kept manifest is alive itself
         result = _result()
         for digest in self.store.digests():
-            if digest in alive or digest in manifests:
+            if digest in alive:
                 continue
             # This node's disk only: the bucket may hold manifests this node never saw.
             await self._remove_blob(digest, result, bucket=False)
@@ -365,6 +337,7 @@ class Inventory:
         """Retention for one registry: tags (and untagged images) not pulled for `max_age`
         seconds, outside the `keep` patterns, go with the blobs nothing else names."""
         result = _result()
+        documents = self.documents()
         pulls = self.manifests.pulls
         tags = [x for x in self.manifests.tags() if x[0] == key]
         doomed: list[tuple[str, str, str, TagEntry]] = []
@@ -374,7 +347,7 @@ class Inventory:
             last = await self._last_use(k, name, tag, entry)
             if now - last <= max_age:
                 continue
-            if self._in_use(entry.digest):
+            if self._in_use(documents, entry.digest):
                 result["busy"].append(entry.digest)  # a pull of it runs: not now
                 continue
             doomed.append((k, name, tag, entry))
@@ -391,8 +364,8 @@ class Inventory:
         recent = {d for (_, _, d), u in (pulls.records() if pulls else ())
                   if now - u.last <= max_age}
         for digest in sorted(candidates - recent):
-            if self.store.has(digest) and not self._in_use(digest):
-                await self._remove_tree(digest, result, bucket=True)
+            if self.store.has(digest) and not self._in_use(documents, digest):
+                await self._remove_tree(documents, digest, result, bucket=True)
         return result
 
     async def _last_use(self, key: str, name: str, tag: str, entry: TagEntry) -> float:
@@ -410,7 +383,7 @@ class Inventory:
                 pass
         return last
 
-    def _in_use(self, digest: str) -> bool:
+    def _in_use(self, documents: Documents, digest: str) -> bool:
         """Whether any blob or manifest of this image is being downloaded or read."""
-        manifests, blobs = self.tree(digest)
+        manifests, blobs = tree(documents, digest)
         return any(self.store.in_use(d) for d in manifests | blobs)

@@ -29,6 +29,7 @@ from docxy.cache.interfaces import IBlobStore
 from docxy.files import atomic_write
 from docxy.flight import SingleFlight
 from docxy.registry.names import Route, is_valid_digest, upstream_name
+from docxy.registry.references import references
 from docxy.stream.clients import request_gone
 from docxy.upstream.bodies import BodyTooLarge, discard, read_small
 from docxy.upstream.errors import UpstreamError
@@ -110,6 +111,15 @@ def _b64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _read_tag(path: Path) -> TagEntry | None:
+    """A tag's file (what it last pointed at), or None if missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return TagEntry(data["digest"], data["media_type"], float(data["checked"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def cache_key(upstream: str) -> str:
     """The directory name under tags/ for an upstream's name (`ghcr.io`, `reg.corp:5000`)."""
     return upstream.replace(":", "_").replace("/", "_") or "upstream"
@@ -170,11 +180,7 @@ class ManifestCache:
 
     def tag(self, upstream: str, name: str, tag: str) -> TagEntry | None:
         """What `upstream`'s tag `name:tag` last pointed at (names as the upstream has them)."""
-        try:
-            data = json.loads(self._tag_path(upstream, name, tag).read_text())
-            return TagEntry(data["digest"], data["media_type"], float(data["checked"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return _read_tag(self._tag_path(upstream, name, tag))
 
     def _remember_tag(self, upstream: str, name: str, tag: str, digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": self._reactor.seconds()}
@@ -288,17 +294,10 @@ class ManifestCache:
         again while it cannot be asked.  Returns how many links were restored."""
         by_key = {cache_key(name): proxy for name, proxy in proxies.items()}
         count = 0
-        for upstream_dir in sorted(self._tags.iterdir()) if self._tags.is_dir() else ():
-            proxy = by_key.get(upstream_dir.name)
-            if proxy is None:
-                continue
-            for tag_file in upstream_dir.rglob("*"):
-                if not tag_file.is_file() or tag_file.name.startswith(".tmp-"):
-                    continue
-                name = tag_file.parent.relative_to(upstream_dir).as_posix()
-                entry = self.tag(proxy.name, name, tag_file.name)
-                if entry is not None:
-                    count += self._link_tree(proxy, name, entry.digest, depth=2)
+        for key, name, _, entry in self.tags():
+            proxy = by_key.get(key)
+            if proxy is not None:
+                count += self._link_tree(proxy, name, entry.digest, depth=2)
         if count:
             log.info("restored {n} cached digests of tagged images", n=count)
         return count
@@ -307,24 +306,16 @@ class ManifestCache:
         if not self.store.has(digest):
             return 0
         proxy.access.note_link(Route(name, "manifests", digest))
-        path = self.store.local_path(digest)
-        try:
-            document = json.loads(path.read_bytes()) if path is not None else None
-        except (OSError, ValueError):
+        document = self.document(digest)
+        if document is None:
             return 1
         count = 1
-        if not isinstance(document, dict):
-            return count
-        children = document.get("manifests") if depth > 0 else None
-        for child in children if isinstance(children, list) else ():
-            if isinstance(child, dict) and isinstance(child.get("digest"), str):
-                count += self._link_tree(proxy, name, child["digest"], depth - 1)
-        blobs = [document.get("config")] + list(document.get("layers") or [])
+        children, blobs = references(document)
+        for child in children if depth > 0 else ():
+            count += self._link_tree(proxy, name, child, depth - 1)
         for blob in blobs:
-            if isinstance(blob, dict) and isinstance(blob.get("digest"), str):
-                if is_valid_digest(blob["digest"]):
-                    proxy.access.note_link(Route(name, "blobs", blob["digest"]))
-                    count += 1
+            proxy.access.note_link(Route(name, "blobs", blob))
+            count += 1
         return count
 
     # --- answers ------------------------------------------------------------------------
@@ -353,13 +344,10 @@ class ManifestCache:
             for tag_file in sorted(upstream_dir.rglob("*")):
                 if not tag_file.is_file() or tag_file.name.startswith(".tmp-"):
                     continue
-                name = tag_file.parent.relative_to(upstream_dir).as_posix()
-                try:
-                    data = json.loads(tag_file.read_text())
-                    entry = TagEntry(data["digest"], data["media_type"], float(data["checked"]))
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-                yield upstream_dir.name, name, tag_file.name, entry
+                entry = _read_tag(tag_file)
+                if entry is not None:
+                    name = tag_file.parent.relative_to(upstream_dir).as_posix()
+                    yield upstream_dir.name, name, tag_file.name, entry
 
     def stored_manifests(self) -> list[str]:
         """The digests of every manifest kept (those with a media type beside the store)."""
@@ -371,11 +359,12 @@ class ManifestCache:
         return found
 
     def document(self, digest: str):
-        """A stored manifest parsed (a dict), or None."""
-        body = self._read(digest)
+        """A stored manifest parsed (a dict), or None.  Read without counting as a use:
+        listing or restoring does not change what the bound evicts first."""
+        path = self.store.local_path(digest)
         try:
-            document = json.loads(body) if body is not None else None
-        except ValueError:
+            document = json.loads(path.read_bytes()) if path is not None else None
+        except (OSError, ValueError):
             return None
         return document if isinstance(document, dict) else None
 

@@ -85,15 +85,13 @@ class PullLog:
     def get(self, registry: str, repository: str, digest: str) -> Usage | None:
         return self._records.get((registry, repository, digest))
 
-    def last_of(self, digest: str) -> float:
-        """The last pull of `digest` in any repository (0 if none)."""
-        return max((u.last for (_, _, d), u in self._records.items() if d == digest), default=0.0)
-
     def records(self) -> list[tuple[tuple[str, str, str], Usage]]:
         return list(self._records.items())
 
-    def forget(self, registry: str, repository: str, digest: str) -> None:
-        if self._records.pop((registry, repository, digest), None) is not None:
+    def forget(self, digest: str) -> None:
+        """Drop a removed image's records, in every repository."""
+        for key in [k for k in self._records if k[2] == digest]:
+            del self._records[key]
             self._dirty = True
 
     def save(self) -> None:

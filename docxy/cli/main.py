@@ -68,7 +68,7 @@ class Client:
         response = self._open(method, path, document)
         with response:
             body = response.read()
-            status = response.status if hasattr(response, "status") else response.code
+            status = response.status
         try:
             answer = json.loads(body) if body else {}
         except ValueError:
@@ -78,7 +78,7 @@ class Client:
 
     def stream(self, path: str, document: Any) -> tuple[int, Iterator[dict]]:
         response = self._open("POST", path, document, timeout=600)
-        status = response.status if hasattr(response, "status") else response.code
+        status = response.status
 
         def events() -> Iterator[dict]:
             with response:

@@ -10,6 +10,7 @@ import shutil
 from typing import Any, Callable, Iterable
 
 from docxy.ops.history import History, Sample, hit_ratio, series
+from docxy.registry.references import references
 
 TOP = 10  # repositories listed
 
@@ -183,13 +184,6 @@ def document(samples: Samples, now: float, *, disk_total: int | None = None,
     }
 
 
-def index_children(manifest: dict | None) -> tuple[str, ...]:
-    """The digests an index (or manifest list) names; () for anything else."""
-    items = manifest.get("manifests") if isinstance(manifest, dict) else None
-    return tuple(c["digest"] for c in items or () if isinstance(c, dict)
-                 and isinstance(c.get("digest"), str))
-
-
 class StatusSource:
     """Builds the document from the daemon's objects (docxy.service.build_admin).  The
     children of each pulled index are read once per digest (content by digest does not
@@ -225,7 +219,7 @@ class StatusSource:
         for digest in digests - known.keys():
             manifest = manifests.document(digest)
             if manifest is not None:  # not stored (yet): asked again next time
-                known[digest] = index_children(manifest)
+                known[digest] = tuple(references(manifest)[0])
         self._children = known
         children = {c for kids in known.values() for c in kids}
         return top_repositories(records, children, self._names)

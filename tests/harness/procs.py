@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
-
 _HANDED_OUT: set[int] = set()
 
 

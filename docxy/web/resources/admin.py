@@ -25,26 +25,12 @@ from docxy.admin.warmup import Platform, WarmError
 from docxy.cache.inventory import BadReference
 from docxy.registry.headers import basic_credentials
 from docxy.stream.clients import request_gone
+from docxy.web.answers import send_json
 from docxy.web.resources._base import query_pairs
 
 log = Logger()
 
 MAX_BODY = 64 * 1024
-
-
-def answer(request, status: int, document: Any) -> bytes:
-    body = json.dumps(document, indent=None).encode() + b"\n"
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.setHeader(b"cache-control", b"no-store")
-    return body
-
-
-def _send(request, status: int, document: Any) -> None:
-    if not request_gone(request):
-        request.write(answer(request, status, document))
-        request.finish()
 
 
 def _json_body(request) -> dict:
@@ -73,7 +59,7 @@ class Admin:
     status: Any = None  # callable() -> dict for /api/v1/status
 
 
-class _AdminResource(Resource):
+class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, admin: Admin) -> None:
@@ -86,7 +72,8 @@ class _AdminResource(Resource):
         if handler is None:
             request.setHeader(b"allow", b", ".join(
                 m[3:].encode() for m in dir(self) if m.startswith("do_")))
-            return answer(request, 405, {"error": f"method {method} not allowed here"})
+            send_json(request, 405, {"error": f"method {method} not allowed here"})
+            return NOT_DONE_YET
         d = defer.ensureDeferred(self._guarded(request, handler))
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
@@ -96,10 +83,10 @@ class _AdminResource(Resource):
             credentials = basic_credentials(request.getHeader(b"authorization"))
             if credentials is None or not await self.admin.users.verify(*credentials):
                 request.setHeader(b"www-authenticate", b'Basic realm="docxy admin"')
-                _send(request, 401, {"error": "the admin API needs a user of --admin-htpasswd"})
+                send_json(request, 401, {"error": "the admin API needs a user of --admin-htpasswd"})
                 return
         if self.admin.inventory is None and self.needs_cache:
-            _send(request, 503, {"error": "the cache is off (--no-cache): nothing to manage"})
+            send_json(request, 503, {"error": "the cache is off (--no-cache): nothing to manage"})
             return
         await handler(request)
 
@@ -107,24 +94,15 @@ class _AdminResource(Resource):
 
     def _failed(self, failure, request) -> None:
         if failure.check(BadReference):
-            _send(request, 400, {"error": str(failure.value)})
+            send_json(request, 400, {"error": str(failure.value)})
         elif failure.check(defer.CancelledError):
             return
         else:
             log.failure("admin request {uri} failed", failure, uri=request.uri)
-            _send(request, 500, {"error": "internal error (see docxy's log)"})
+            send_json(request, 500, {"error": "internal error (see docxy's log)"})
 
 
-def row_document(row) -> dict:
-    return {
-        "registry": row.registry, "repository": row.repository, "tag": row.tag,
-        "digest": row.digest, "media_type": row.media_type, "size": row.size,
-        "stored": row.stored, "pulls": row.pulls, "last_pull": row.last_pull,
-        "platforms": list(row.platforms),
-    }
-
-
-class CacheList(_AdminResource):
+class CacheList(AdminResource):
     async def do_GET(self, request) -> None:
         registry = next((v for k, v in query_pairs(request) if k == "registry"), None)
         key = None
@@ -133,10 +111,10 @@ class CacheList(_AdminResource):
             if key is None:
                 raise BadReference(f"docxy does not mirror {registry!r}")
         rows = self.admin.inventory.rows(key)
-        _send(request, 200, {"images": [row_document(r) for r in rows]})
+        send_json(request, 200, {"images": [attrs.asdict(r) for r in rows]})
 
 
-class CacheRemove(_AdminResource):
+class CacheRemove(AdminResource):
     async def do_POST(self, request) -> None:
         text = _json_body(request).get("ref")
         if not isinstance(text, str) or not text:
@@ -144,22 +122,22 @@ class CacheRemove(_AdminResource):
         ref = self.admin.inventory.parse(text)
         result = await self.admin.inventory.remove(ref)
         if not result["matched"]:
-            _send(request, 404, {"error": f"nothing cached matches {text}"})
+            send_json(request, 404, {"error": f"nothing cached matches {text}"})
             return
         log.info("cache rm {ref}: {tags} tag(s), {m} manifest(s), {b} blob(s) removed",
                  ref=text, tags=len(result["tags"]), m=len(result["manifests"]),
                  b=len(result["blobs"]))
-        _send(request, 200, result)
+        send_json(request, 200, result)
 
 
-class CacheGC(_AdminResource):
+class CacheGC(AdminResource):
     async def do_POST(self, request) -> None:
         result = await self.admin.inventory.gc()
         log.info("cache gc: {b} blob(s) removed", b=len(result["blobs"]))
-        _send(request, 200, result)
+        send_json(request, 200, result)
 
 
-class Warm(_AdminResource):
+class Warm(AdminResource):
     """Streams the warm-up's events as JSON lines; the last is {"event": "done", ...} or
     {"event": "error", "error": ...}.  A client that leaves does not stop the warm-up."""
 
@@ -201,7 +179,7 @@ class Warm(_AdminResource):
             request.finish()
 
 
-class Status(_AdminResource):
+class Status(AdminResource):
     """The status page's document (docxy.ops.status); `admin.status` may return it or an
     awaitable of it."""
 
@@ -209,4 +187,4 @@ class Status(_AdminResource):
 
     async def do_GET(self, request) -> None:
         status = self.admin.status
-        _send(request, 200, await defer.maybeDeferred(status) if status is not None else {})
+        send_json(request, 200, await defer.maybeDeferred(status) if status is not None else {})

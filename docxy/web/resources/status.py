@@ -9,7 +9,7 @@ import hashlib
 import re
 
 from docxy.stream.clients import request_gone
-from docxy.web.resources.admin import _AdminResource
+from docxy.web.resources.admin import AdminResource
 
 
 def _csp(page: str) -> bytes:
@@ -25,7 +25,7 @@ def _csp(page: str) -> bytes:
             "frame-ancestors 'none'").encode()
 
 
-class StatusPage(_AdminResource):
+class StatusPage(AdminResource):
     """`GET /`: the page (the admin users' password is asked as for the API)."""
 
     needs_cache = False

@@ -10,13 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from docxy.cache.inventory import (
-    BadReference,
-    Inventory,
-    Reference,
-    parse_reference,
-    references,
-)
+from docxy.cache.inventory import BadReference, Inventory, Reference, parse_reference
 from docxy.cache.manifests import ManifestCache
 from docxy.cache.store import BlobStore
 from docxy.cache.usage import PullLog
@@ -29,14 +23,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def test_references_of_an_image_an_index_and_schema1():
-    config, layer, child = (_digest(x) for x in (b"c", b"l", b"m"))
-    image = {"config": {"digest": config, "size": 1}, "layers": [{"digest": layer, "size": 2}]}
-    assert references(image) == ([], [config, layer])
-    assert references({"manifests": [{"digest": child}, {"digest": "bogus"}]}) == ([child], [])
-    assert references({"fsLayers": [{"blobSum": layer}]}) == ([], [layer])
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -22,7 +22,9 @@ def test_pulls_and_warm_ups_and_a_restart(tmp_path):
     again = PullLog(tmp_path / "usage.json", clock)
     usage = again.get("docker.io", "library/a", "sha256:1")
     assert (usage.pulls, usage.last) == (2, 510)
-    assert again.last_of("sha256:1") == 510 and again.last_of("sha256:2") == 0
+    again.pulled("ghcr.io", "org/b", "sha256:1")
+    again.forget("sha256:1")
+    assert again.records() == []
 
 
 def test_an_unreadable_log_is_ignored(tmp_path):

@@ -27,7 +27,6 @@ from docxy.ops.status import (
     document,
     downloads_section,
     hits_section,
-    index_children,
     top_repositories,
     total,
     upstreams_section,
@@ -125,13 +124,6 @@ def test_top_repositories_sum_pulls_per_repository_without_an_index_s_own_images
         {"registry": "ghcr.io", "repository": "org/app", "pulls": 2, "last_pull": 40.0},
     ]
     assert len(top_repositories(records, set(), {}, limit=1)) == 1
-
-
-def test_index_children_are_the_digests_an_index_names():
-    assert index_children({"manifests": [{"digest": "sha256:x"}, {"size": 1}, "junk"]}) == (
-        "sha256:x",)
-    assert index_children({"layers": [{"digest": "sha256:l"}]}) == ()
-    assert index_children(None) == ()
 
 
 def test_downloads_and_warmups_as_the_page_lists_them():
