@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from harness import images as images_mod
 from harness.admin import run_cli
-from harness.clients import DockerDaemon, Skopeo
+from harness.clients import ClientError, DockerDaemon, Skopeo
 from harness.daemon import Docxy, cached_blob, mirror_args
 from harness.procs import free_port, poll_until
 from harness.upstream import Upstream
@@ -153,7 +153,7 @@ def test_warm_then_outage_then_ls_rm_gc(up, short_tmp):
         nothing = run_cli(admin, "cache", "rm", "docker.io/library/ocimulti:latest")
         assert nothing.code == 1 and "nothing cached" in nothing.err
         with Skopeo(short_tmp / "skopeo", tls_verify=False) as skopeo:
-            with pytest.raises(Exception):
+            with pytest.raises(ClientError):
                 skopeo.copy(f"{docxy.host}/{images.oci_index.ref}", timeout=90)
         up.start_registry()
         up.cdn.start()
